@@ -1,0 +1,1 @@
+"""Building blocks: convolution, pooling, attention, Transformer layers, fusion."""
