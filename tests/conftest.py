@@ -1,0 +1,18 @@
+"""Test set-up: 8 fake CPU devices, the offline TFDS data and a shared compilation cache.
+
+Everything here is set before JAX initialises. Subprocesses started by the tests
+(launch.py runs) inherit the environment, so they share the compilation cache.
+"""
+import os
+import pathlib
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if SHARED_TFDS.is_dir():
+  os.environ.setdefault("TFDS_DATA_DIR", str(SHARED_TFDS))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mmjax-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
