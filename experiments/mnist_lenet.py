@@ -1,0 +1,44 @@
+r"""LeNet-5 (or the CNN tutorial's SmallCNN) on MNIST.
+
+Command:
+  python launch.py --config=experiments/mnist_lenet.py --workdir=workdirs/mnist_lenet
+
+Expected result (2-core CPU): eval/accuracy >= 0.990 on the whole MNIST test split.
+See the README's results table for the measured accuracy and wall-clock.
+
+Arguments (comma separated, after the colon):
+  smoke            seconds-long run: tiny step count, batch divisible by 8, two checkpoints.
+  model=small_cnn  train SmallCNN instead of LeNet-5.
+  dataset=fashion_mnist  another TFDS dataset of 28x28x1 images with 10 classes.
+
+  python launch.py --config=experiments/mnist_lenet.py:smoke --workdir=/tmp/smoke
+  python launch.py --config=experiments/mnist_lenet.py:model=small_cnn --workdir=workdirs/small_cnn
+"""
+from mmjax import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, smoke=False, model="lenet5", dataset="mnist")
+  c = configs.base_config()
+  c.task = "classify"
+  c.model = arg.model
+  c.dataset.name = arg.dataset
+
+  c.global_batch_size = 128
+  c.num_train_steps = 4690  # 10 epochs of 60,000 images.
+  c.log_every_steps = 200
+  c.eval_every_steps = 938
+  c.checkpoint_every_steps = 938
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 200
+
+  if arg.smoke:
+    c.global_batch_size = 32
+    c.eval_batch_size = 2048
+    c.num_train_steps = 20
+    c.log_every_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+    c.optimizer.warmup_steps = 2
+  return c

@@ -1,0 +1,64 @@
+r"""Runs one experiment: python launch.py --config=experiments/X.py[:arg] --workdir=DIR.
+
+Override any config field on the command line, e.g. `--config.seed=3` or
+`--config.optimizer.learning_rate=1e-3`. Restarting the same command with the same
+--workdir resumes from the last checkpoint.
+
+Several hosts: run the same command on every host. On TPU pods and under SLURM add
+`--distributed` (JAX finds its peers); elsewhere give `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` on each.
+"""
+import logging as py_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detection "
+    "(TPU pods, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import jax  # Imported after flag parsing, so --help and flag errors are instant.
+
+  if _COORDINATOR.value is not None:
+    # CPU collectives across processes (harmless where an accelerator does them).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+  from mmjax import tasks
+  from mmjax.train import sharding
+  from mmjax.train import trainer
+
+  config = _CONFIG.value
+  logging.info("Process %d of %d; %d local of %d devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices())
+  logging.info("Config:\n%s", config)
+  mesh = sharding.make_mesh()
+  # Checks that need no compilation come first: batch sizes, model name, dataset.
+  sharding.check_batch_size(config.global_batch_size, mesh)
+  task = tasks.get_task(config, mesh)
+  final = trainer.train_and_evaluate(config, _WORKDIR.value, task, mesh)
+  logging.info("Final metrics: %s", final)
+
+
+if __name__ == "__main__":
+  py_logging.getLogger("absl").setLevel(py_logging.INFO)
+  app.run(main)

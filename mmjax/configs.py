@@ -1,0 +1,56 @@
+"""Shared pieces of experiment configs (`experiments/*.py`)."""
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses a config argument like "smoke,model=small_cnn" against typed defaults.
+
+  A bare name sets a bool default to True. Unknown keys are an error that lists the
+  known ones. Returns an immutable ConfigDict of the result.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return ml_collections.FrozenConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The fields every experiment has, so that scripts can rely on them."""
+  c = ml_collections.ConfigDict()
+  c.task = ""
+  c.seed = 0
+  c.global_batch_size = 128
+  c.eval_batch_size = 1024
+  c.num_train_steps = 1000
+  c.log_every_steps = 100
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "mnist"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  c.dataset.download = True  # Prepare the dataset if it is missing (needs internet).
+  c.dataset.cache_decoded = True  # Decode the whole split once, keep it in memory.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.end_factor = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 0.0
+  return c

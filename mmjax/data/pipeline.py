@@ -1,0 +1,202 @@
+"""TFDS data sources read through Grain: training and evaluation batches.
+
+A split is read with `tfds.data_source` (ArrayRecord, random access). Small
+datasets (MNIST-sized) are decoded once into NumPy arrays and cached on disk, since
+decoding PNGs costs about 5 s per 60,000 images on one core; larger ones are decoded
+batch by batch inside the Grain pipeline.
+
+Batches are built the same way in training and evaluation: Grain shuffles and
+batches *indices*, each process keeps every `process_count`-th local batch of
+`global_batch_size / process_count` indices, and one vectorised gather reads them.
+So the global batch at step s holds the same examples in the same order whatever
+the number of processes and devices, and the iterator state (one integer per
+process) is all a checkpoint needs to resume the exact data order.
+"""
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+_CACHE_ENV = "MMJAX_CACHE_DIR"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset is not prepared where mmjax looked, and could not be downloaded."""
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """The TFDS data directory: `data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, download: bool = True):
+  """Returns the random-access TFDS data source of one split.
+
+  Raises:
+    DatasetNotFoundError: the dataset is not prepared in the data directory and
+      `download` is False or the download failed. The message names the directory.
+  """
+  import tensorflow_datasets as tfds  # Imported here: TFDS is slow to import.
+
+  data_dir = resolve_data_dir(data_dir)
+  how = (f"Point $TFDS_DATA_DIR or config.dataset.data_dir at a directory holding a "
+         f"prepared copy (`{name}/<version>/dataset_info.json` inside), or run once on "
+         f"a machine with internet: python -c \"import tensorflow_datasets as tfds; "
+         f"tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record')"
+         f".download_and_prepare()\"")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  except Exception as e:  # An unknown name, for one.
+    raise DatasetNotFoundError(f"TFDS has no dataset {name!r}: {e}") from e
+  if not builder.is_prepared():
+    if not download:
+      raise DatasetNotFoundError(
+          f"Dataset {name!r} is not prepared in {data_dir} (searched "
+          f"{builder.data_dir}) and config.dataset.download is False. {how}")
+    try:
+      builder.download_and_prepare()
+    except Exception as e:
+      raise DatasetNotFoundError(
+          f"Dataset {name!r} is not prepared in {data_dir} and downloading it failed "
+          f"({type(e).__name__}: {e}). {how}") from e
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:
+    raise DatasetNotFoundError(
+        f"Dataset {name!r} in {builder.data_dir} has no split {split!r} readable as "
+        f"ArrayRecord: {e}") from e
+
+
+class ArraySource:
+  """A whole split as NumPy arrays, a random-access source of dict examples."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"Arrays of unequal lengths: { {k: len(v) for k, v in arrays.items()} }")
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index):
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def gather(self, indices: np.ndarray) -> Batch:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+def decoded_source(name: str, split: str, data_dir: str | None = None,
+                   download: bool = True, cache_dir: str | None = None) -> ArraySource:
+  """Decodes a whole TFDS split once into memory, cached as .npz across runs.
+
+  The cache lives in `cache_dir`, else $MMJAX_CACHE_DIR, else ~/.cache/mmjax, keyed
+  by dataset, version and split; it is written to a temporary file and renamed, so
+  a reader never sees half of one.
+  """
+  source = tfds_source(name, split, data_dir, download)
+  version = str(source.dataset_info.version)
+  root = pathlib.Path(cache_dir or os.environ.get(_CACHE_ENV) or "~/.cache/mmjax").expanduser()
+  path = root / "decoded" / name / version / f"{split}.npz"
+  if path.exists():
+    with np.load(path) as f:
+      return ArraySource({k: f[k] for k in f.files})
+  logging.info("Decoding %s/%s (%d examples) into %s", name, split, len(source), path)
+  examples = source.__getitems__(range(len(source)))
+  arrays = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return ArraySource(arrays)
+
+
+def load_source(dataset_config, split: str):
+  """The source for `split` as the config's `dataset` section asks for it."""
+  c = dataset_config
+  if c.cache_decoded:
+    return decoded_source(c.name, split, c.data_dir, c.download)
+  return tfds_source(c.name, split, c.data_dir, c.download)
+
+
+def _gather(source, indices: np.ndarray) -> Batch:
+  if isinstance(source, ArraySource):
+    return source.gather(indices)
+  examples = source.__getitems__(indices.tolist())
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """Which part of every global batch this process reads."""
+  process_index: int = 0
+  process_count: int = 1
+
+
+def local_batch_size(global_batch_size: int, sharding: Sharding) -> int:
+  if global_batch_size % sharding.process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
+                     f"{sharding.process_count} processes; choose a multiple of "
+                     f"{sharding.process_count}.")
+  return global_batch_size // sharding.process_count
+
+
+def train_dataset(source, *, global_batch_size: int, seed: int,
+                  preprocess: Callable[[Batch], Batch], sharding: Sharding = Sharding(),
+                  prefetch: int = 4) -> grain.IterDataset:
+  """Endless training batches: shuffled by seed, reshuffled each epoch.
+
+  Returns an IterDataset of this process's share, `{key: [local_batch, ...]}`. Its
+  iterator has `get_state()`/`set_state()`, saved with every checkpoint.
+  """
+  local = local_batch_size(global_batch_size, sharding)
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds[sharding.process_index::sharding.process_count]
+  ds = ds.map(lambda idx: preprocess(_gather(source, idx)))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+
+
+def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch], Batch],
+                 sharding: Sharding = Sharding()) -> grain.MapDataset:
+  """The whole split exactly once, in order, in global batches of a fixed size.
+
+  The last global batch is padded with copies of example 0; `batch["mask"]` is
+  1.0 for real examples and 0.0 for padding, so metrics weighted by it count every
+  example once.
+  """
+  local = local_batch_size(global_batch_size, sharding)
+  n = len(source)
+  padded = math.ceil(n / global_batch_size) * global_batch_size
+
+  def read(idx: np.ndarray) -> Batch:
+    valid = idx < n
+    batch = preprocess(_gather(source, np.where(valid, idx, 0)))
+    batch["mask"] = valid.astype(np.float32)
+    return batch
+
+  ds = grain.MapDataset.range(padded).batch(local)
+  return ds[sharding.process_index::sharding.process_count].map(read)
+
+
+def image_classification_preprocess(mean: float, std: float) -> Callable[[Batch], Batch]:
+  """uint8 images [b, h, w, c] -> float32 (x / 255 - mean) / std; labels -> int32."""
+
+  def preprocess(batch: Batch) -> Batch:
+    image = (batch["image"].astype(np.float32) / 255.0 - mean) / std
+    return {"image": image, "label": batch["label"].astype(np.int32)}
+
+  return preprocess
+
+
+def describe(source: Any) -> str:
+  return f"{type(source).__name__} with {len(source)} examples"
