@@ -85,7 +85,7 @@ def _make_train_step(task, tx, schedule):
     if hasattr(task, "after_update"):
       new_state = task.after_update(new_state)
     metrics = {"train/loss": loss, "train/learning_rate": schedule(state.step),
-               "train/grad_norm": optax.global_norm(grads), **metrics}
+               "train/grad_norm": optax.tree.norm(grads), **metrics}
     return new_state, metrics
 
   return train_step

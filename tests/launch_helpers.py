@@ -1,0 +1,55 @@
+"""Runs launch.py in subprocesses with a chosen number of fake CPU devices."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def env_with_devices(n: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def launch_cmd(config: str, workdir, *overrides: str, extra=()) -> list[str]:
+  return [sys.executable, str(REPO / "launch.py"), f"--config={config}",
+          f"--workdir={workdir}", *[f"--config.{o}" for o in overrides], *extra]
+
+
+def run(config: str, workdir, *overrides: str, devices: int = 1, extra=(), check=True,
+        timeout=300) -> subprocess.CompletedProcess:
+  proc = subprocess.run(launch_cmd(config, workdir, *overrides, extra=extra), cwd=REPO,
+                        env=env_with_devices(devices), capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+  return proc
+
+
+def metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# Keys whose values depend on wall-clock time, not on the computation.
+TIMING_KEYS = ("train/steps_per_sec", "eval/seconds")
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]

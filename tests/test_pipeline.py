@@ -1,0 +1,94 @@
+"""The TFDS + Grain pipeline: sharding, epochs, eval coverage, resume, errors."""
+import numpy as np
+import pytest
+
+from mmjax.data import pipeline
+
+
+def _source(n=100):
+  return pipeline.ArraySource({"x": np.arange(n), "y": np.arange(n) * 10})
+
+
+def _ident(batch):
+  return dict(batch)
+
+
+def _take(ds, k):
+  it = iter(ds)
+  return [next(it) for _ in range(k)]
+
+
+def test_process_shards_concatenate_to_the_single_process_batch():
+  src = _source()
+  whole = _take(pipeline.train_dataset(src, global_batch_size=8, seed=3, preprocess=_ident), 30)
+  parts = [_take(pipeline.train_dataset(src, global_batch_size=8, seed=3, preprocess=_ident,
+                                        sharding=pipeline.Sharding(p, 2)), 30) for p in range(2)]
+  for s in range(30):
+    np.testing.assert_array_equal(whole[s]["x"], np.concatenate([parts[0][s]["x"], parts[1][s]["x"]]))
+    assert parts[0][s]["x"].shape == (4,)
+
+
+def test_each_epoch_is_a_new_permutation():
+  src = _source(64)
+  batches = _take(pipeline.train_dataset(src, global_batch_size=16, seed=0, preprocess=_ident), 8)
+  epoch1 = np.concatenate([b["x"] for b in batches[:4]])
+  epoch2 = np.concatenate([b["x"] for b in batches[4:]])
+  assert sorted(epoch1) == list(range(64)) and sorted(epoch2) == list(range(64))
+  assert not np.array_equal(epoch1, epoch2)
+  other_seed = _take(pipeline.train_dataset(src, global_batch_size=16, seed=1, preprocess=_ident), 4)
+  assert not np.array_equal(epoch1, np.concatenate([b["x"] for b in other_seed]))
+
+
+def test_iterator_state_resumes_the_exact_batches():
+  ds = pipeline.train_dataset(_source(), global_batch_size=8, seed=0, preprocess=_ident)
+  it = iter(ds)
+  for _ in range(17):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["x"] for _ in range(5)]
+  resumed = iter(ds)
+  resumed.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(resumed)["x"], e)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eval_covers_the_split_exactly_once(processes):
+  src = _source(101)
+  seen = []
+  for p in range(processes):
+    ds = pipeline.eval_dataset(src, global_batch_size=16, preprocess=_ident,
+                               sharding=pipeline.Sharding(p, processes))
+    assert len(ds) == 7  # ceil(101 / 16) global batches.
+    for b in ds:
+      assert b["x"].shape == (16 // processes,)
+      seen.extend(b["x"][b["mask"] > 0].tolist())
+  assert sorted(seen) == list(range(101))
+
+
+def test_batch_not_divisible_by_processes():
+  with pytest.raises(ValueError, match="multiple of 3"):
+    pipeline.train_dataset(_source(), global_batch_size=8, seed=0, preprocess=_ident,
+                           sharding=pipeline.Sharding(0, 3))
+
+
+def test_mnist_from_tfds_is_decoded_once_and_cached(tmp_path):
+  src = pipeline.decoded_source("mnist", "test", cache_dir=str(tmp_path))
+  assert len(src) == 10_000
+  assert src.arrays["image"].shape == (10_000, 28, 28, 1)
+  assert src.arrays["image"].dtype == np.uint8
+  # The class counts of the MNIST test split.
+  np.testing.assert_array_equal(np.bincount(src.arrays["label"]),
+                                [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+  assert list(tmp_path.rglob("test.npz"))
+  again = pipeline.decoded_source("mnist", "test", cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(again.arrays["image"], src.arrays["image"])
+  # The same examples as the TFDS source itself.
+  raw = pipeline.tfds_source("mnist", "test")
+  np.testing.assert_array_equal(raw[1234]["image"], src.arrays["image"][1234])
+
+
+def test_missing_dataset_names_the_directory(tmp_path):
+  with pytest.raises(pipeline.DatasetNotFoundError, match=str(tmp_path)) as e:
+    pipeline.tfds_source("mnist", "train", data_dir=str(tmp_path), download=False)
+  assert "TFDS_DATA_DIR" in str(e.value)
