@@ -91,6 +91,28 @@ def _make_train_step(task, tx, schedule):
   return train_step
 
 
+def create_train_state(config, task, mesh):
+  """Returns (state replicated over `mesh`, optax transformation, lr schedule)."""
+  params, extras = task.init(jax.random.PRNGKey(config.seed))
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
+                                      task.weight_decay_mask(params))
+
+  def init_state(params, extras):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
+
+  state = jax.jit(init_state, out_shardings=sharding_lib.replicated(mesh))(params, extras)
+  return state, tx, schedule
+
+
+def jit_train_step(task, tx, schedule, mesh):
+  """The jitted train step: state replicated and donated, batch split along `data`."""
+  repl = sharding_lib.replicated(mesh)
+  return jax.jit(_make_train_step(task, tx, schedule),
+                 in_shardings=(repl, sharding_lib.batch_sharded(mesh)),
+                 out_shardings=(repl, repl), donate_argnums=0)
+
+
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -135,18 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   data_sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
   train_iter = iter(task.train_dataset(data_sharding))
 
-  # State, replicated over the mesh.
-  params, extras = task.init(jax.random.PRNGKey(config.seed))
-  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
-                                      task.weight_decay_mask(params))
-  repl = sharding_lib.replicated(mesh)
-
-  def init_state(params, extras):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
-
-  state = jax.jit(init_state, out_shardings=repl)(params, extras)
-  del params, extras
+  state, tx, schedule = create_train_state(config, task, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Parameters: %d. Devices: %d over %d process(es).", n_params,
                mesh.devices.size, jax.process_count())
@@ -166,10 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   start = int(state.step)
 
   writer = metrics_lib.create_writer(workdir, is_main)
-  train_step = jax.jit(
-      _make_train_step(task, tx, schedule),
-      in_shardings=(repl, sharding_lib.batch_sharded(mesh)),
-      out_shardings=(repl, repl), donate_argnums=0)
+  train_step = jit_train_step(task, tx, schedule, mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              every_secs=30)
 

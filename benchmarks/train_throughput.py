@@ -1,0 +1,82 @@
+r"""Training throughput of the trainer's real jitted step, as one JSON line.
+
+  python benchmarks/train_throughput.py --model lenet5 --batch 128
+
+Builds the MNIST experiment's task, state and train step exactly as launch.py does
+(`trainer.create_train_state`, `trainer.jit_train_step`), compiles once, warms up,
+then times `--repeats` runs of `--steps` steps on one fixed batch (step only) and
+on fresh batches from the Grain pipeline (end to end). Prints the medians.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="lenet5", choices=["lenet5", "small_cnn"])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=20)
+  args = parser.parse_args()
+
+  import jax
+  from experiments import mnist_lenet
+  from mmjax import tasks
+  from mmjax.data import pipeline
+  from mmjax.train import sharding, trainer
+
+  config = mnist_lenet.get_config(f"model={args.model}")
+  config.global_batch_size = args.batch
+  mesh = sharding.make_mesh()
+  task = tasks.get_task(config, mesh)
+  state, tx, schedule = trainer.create_train_state(config, task, mesh)
+  train_iter = iter(task.train_dataset(pipeline.Sharding()))
+  batch = sharding.global_batch(next(train_iter), mesh)
+
+  t = time.perf_counter()
+  step = trainer.jit_train_step(task, tx, schedule, mesh).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_image = float(cost.get("flops", 0.0)) / args.batch
+
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+
+  def timed(fresh_batches: bool) -> float:
+    nonlocal state
+    t = time.perf_counter()
+    for _ in range(args.steps):
+      b = sharding.global_batch(next(train_iter), mesh) if fresh_batches else batch
+      state, _ = step(state, b)
+    jax.block_until_ready(state)
+    return args.steps * args.batch / (time.perf_counter() - t)
+
+  step_only, end_to_end = [], []
+  for _ in range(args.repeats):  # Alternate, so drift in machine load hits both alike.
+    step_only.append(timed(False))
+    end_to_end.append(timed(True))
+  ips = statistics.median(step_only)
+  print(json.dumps({
+      "model": args.model, "batch": args.batch, "devices": jax.device_count(),
+      "backend": jax.default_backend(),
+      "images_per_sec": round(ips, 1),
+      "pipeline_images_per_sec": round(statistics.median(end_to_end), 1),
+      "step_ms": round(1000 * args.batch / ips, 3),
+      "compile_s": round(compile_s, 2),
+      "flops_per_image": round(flops_per_image),
+      "achieved_gflops": round(flops_per_image * ips / 1e9, 2),
+      "repeats": [round(x, 1) for x in step_only],
+  }))
+
+
+if __name__ == "__main__":
+  main()
