@@ -22,10 +22,10 @@ def launch_cmd(config: str, workdir, *overrides: str, extra=()) -> list[str]:
 
 
 def run(config: str, workdir, *overrides: str, devices: int = 1, extra=(), check=True,
-        timeout=300) -> subprocess.CompletedProcess:
+        timeout=300, env=None) -> subprocess.CompletedProcess:
   proc = subprocess.run(launch_cmd(config, workdir, *overrides, extra=extra), cwd=REPO,
-                        env=env_with_devices(devices), capture_output=True, text=True,
-                        timeout=timeout)
+                        env={**env_with_devices(devices), **(env or {})},
+                        capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
   return proc

@@ -116,9 +116,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 ])
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path, override, message):
   extra = override.split(" ")
-  proc = lh.run(SMOKE, tmp_path, extra[0], devices=8, check=False,
-                extra=[e for e in extra[1:]], timeout=120)
+  proc = lh.run(SMOKE, tmp_path, extra[0], devices=8, check=False, extra=extra[1:],
+                timeout=120, env={"JAX_LOG_COMPILES": "1"})  # Logs "Compiling <name>".
   assert proc.returncode != 0
   assert message in proc.stderr
-  assert not lh.checkpoint_steps(tmp_path)
   assert "Compiling" not in proc.stderr
+  assert not lh.checkpoint_steps(tmp_path)

@@ -24,7 +24,8 @@ class LinearTask:
 
   def train_dataset(self, data_sharding):
     return pipeline.train_dataset(self.source, global_batch_size=self.config.global_batch_size,
-                                  seed=self.config.seed, preprocess=dict, sharding=data_sharding)
+                                  seed=self.config.seed, sharding=data_sharding,
+                                  preprocess=lambda b: {"x": b["x"], "y": b["y"]})
 
   def init(self, rng):
     return {"w": jnp.zeros(4)}, {}

@@ -155,14 +155,25 @@ def train_dataset(source, *, global_batch_size: int, seed: int,
                   prefetch: int = 4) -> grain.IterDataset:
   """Endless training batches: shuffled by seed, reshuffled each epoch.
 
+  `preprocess` receives the gathered examples plus `position`, each example's place
+  in the endless stream (0, 1, 2, ... across epochs): a seed for per-example
+  randomness (caption templates, augmentation) that does not depend on how many
+  processes read the stream.
+
   Returns an IterDataset of this process's share, `{key: [local_batch, ...]}`. Its
   iterator has `get_state()`/`set_state()`, saved with every checkpoint.
   """
   local = local_batch_size(global_batch_size, sharding)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+  ds = ds.map_with_index(lambda position, index: (position, index))
   ds = ds.batch(local, drop_remainder=True)
   ds = ds[sharding.process_index::sharding.process_count]
-  ds = ds.map(lambda idx: preprocess(_gather(source, idx)))
+
+  def read(positions_and_indices):
+    positions, indices = positions_and_indices
+    return preprocess({**_gather(source, indices), "position": positions})
+
+  ds = ds.map(read)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
 
@@ -170,6 +181,7 @@ def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch]
                  sharding: Sharding = Sharding()) -> grain.MapDataset:
   """The whole split exactly once, in order, in global batches of a fixed size.
 
+  `preprocess` receives the examples plus `position`, their index in the split.
   The last global batch is padded with copies of example 0; `batch["mask"]` is
   1.0 for real examples and 0.0 for padding, so metrics weighted by it count every
   example once.
@@ -178,9 +190,9 @@ def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch]
   n = len(source)
   padded = math.ceil(n / global_batch_size) * global_batch_size
 
-  def read(idx: np.ndarray) -> Batch:
-    valid = idx < n
-    batch = preprocess(_gather(source, np.where(valid, idx, 0)))
+  def read(indices: np.ndarray) -> Batch:
+    valid = indices < n
+    batch = preprocess({**_gather(source, np.where(valid, indices, 0)), "position": indices})
     batch["mask"] = valid.astype(np.float32)
     return batch
 
