@@ -3,8 +3,10 @@
 Everything here is set before JAX initialises. Subprocesses started by the tests
 (launch.py runs) inherit the environment, so they share the compilation cache.
 """
+import atexit
 import os
 import pathlib
+import shutil
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -13,6 +15,9 @@ SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if SHARED_TFDS.is_dir():
   os.environ.setdefault("TFDS_DATA_DIR", str(SHARED_TFDS))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mmjax-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
