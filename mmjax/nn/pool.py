@@ -1,0 +1,71 @@
+"""Max and average pooling with the conventions of `conv2d` (padding, stride)."""
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.conv import Padding, explicit_padding, pad2d, pair, windows
+
+
+def _check(x, name):
+  if x.ndim != 4:
+    raise ValueError(f"{name} expects x of shape [batch, height, width, channels], got {x.shape}.")
+
+
+def _tiles(x, window, stride, pads):
+  """Non-overlapping unpadded windows as [b, out_h, kh, out_w, kw, c], else None.
+
+  Then pooling is a reshape and a reduction, fast forwards and backwards.
+  """
+  if stride != window or pads != ((0, 0), (0, 0)):
+    return None
+  b, h, w, c = x.shape
+  oh, ow = h // window[0], w // window[1]
+  if oh < 1 or ow < 1:
+    raise ValueError(f"Window {window} is larger than the padded input {(h, w)}.")
+  x = x[:, :oh * window[0], :ow * window[1]]
+  return x.reshape(b, oh, window[0], ow, window[1], c)
+
+
+def max_pool(x: jax.Array, window, stride=None, padding: Padding = "VALID") -> jax.Array:
+  """Maximum over each window; padded positions never win (they are -inf).
+
+  Args:
+    x: [batch, height, width, channels].
+    window: int or (kh, kw). stride: int, pair, or None for the window.
+    padding: "VALID", "SAME", an int p, or ((top, bottom), (left, right)).
+
+  Returns:
+    [batch, out_h, out_w, channels], out = floor((in - k + pad_total) / s) + 1.
+  """
+  _check(x, "max_pool")
+  window = pair(window, "window")
+  stride = window if stride is None else pair(stride, "stride")
+  pads = explicit_padding(padding, x.shape[1:3], window, stride)
+  if (tiles := _tiles(x, window, stride, pads)) is not None:
+    return tiles.max(axis=(2, 4))
+  views = windows(pad2d(x, pads, value=-jnp.inf), window, stride)
+  out = views[0]
+  for v in views[1:]:
+    out = jnp.maximum(out, v)
+  return out
+
+
+def avg_pool(x: jax.Array, window, stride=None, padding: Padding = "VALID",
+             count_include_pad: bool = True) -> jax.Array:
+  """Mean over each window, of zero-padded input.
+
+  With `count_include_pad` (the default, as in PyTorch and Flax) every window is
+  divided by kh*kw, padding included; otherwise by the number of real pixels in it.
+  Shapes as in `max_pool`.
+  """
+  _check(x, "avg_pool")
+  window = pair(window, "window")
+  stride = window if stride is None else pair(stride, "stride")
+  pads = explicit_padding(padding, x.shape[1:3], window, stride)
+  if (tiles := _tiles(x, window, stride, pads)) is not None:
+    return tiles.mean(axis=(2, 4))
+  total = sum(windows(pad2d(x, pads), window, stride))
+  if count_include_pad:
+    return total / (window[0] * window[1])
+  ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+  counts = sum(windows(pad2d(ones, pads), window, stride))
+  return total / counts

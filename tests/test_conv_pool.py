@@ -1,0 +1,162 @@
+"""conv2d and pooling against naive NumPy loops and against lax.conv_general_dilated."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import nn as mnn
+
+RNG = np.random.default_rng(0)
+# Jitted once per shape and setting: one compilation instead of many eager ops.
+conv2d = jax.jit(mnn.conv2d, static_argnames=("stride", "padding", "padding_mode"))
+max_pool = jax.jit(mnn.max_pool, static_argnums=(1, 2, 3))
+avg_pool = jax.jit(mnn.avg_pool, static_argnums=(1, 2, 3, 4))
+PADDINGS = ["VALID", "SAME", 0, 1, 2, ((1, 0), (2, 1))]
+
+
+def _np_pad(x, pads, mode):
+  widths = ((0, 0), *pads, (0, 0))
+  return np.pad(x, widths, mode="edge") if mode == "edge" else np.pad(x, widths)
+
+
+def _np_pads(padding, size, window, stride):
+  if padding == "VALID":
+    return ((0, 0), (0, 0))
+  if padding == "SAME":  # ceil(n / s) outputs, the odd pixel at the end.
+    out = []
+    for n, k, s in zip(size, window, stride):
+      total = max((int(np.ceil(n / s)) - 1) * s + k - n, 0)
+      out.append((total // 2, total - total // 2))
+    return tuple(out)
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  return padding
+
+
+def np_conv2d(x, kernel, bias, stride, padding, mode):
+  """One output pixel at a time: the definition, written out."""
+  kh, kw, _, cout = kernel.shape
+  xp = _np_pad(x, _np_pads(padding, x.shape[1:3], (kh, kw), (stride, stride)), mode)
+  oh = (xp.shape[1] - kh) // stride + 1
+  ow = (xp.shape[2] - kw) // stride + 1
+  y = np.zeros((x.shape[0], oh, ow, cout))
+  for b in range(x.shape[0]):
+    for i in range(oh):
+      for j in range(ow):
+        patch = xp[b, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+        for o in range(cout):
+          y[b, i, j, o] = np.sum(patch * kernel[..., o]) + bias[o]
+  return y
+
+
+def np_pool(x, window, stride, padding, reduce, pad_value):
+  pads = _np_pads(padding, x.shape[1:3], (window, window), (stride, stride))
+  xp = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+  oh = (xp.shape[1] - window) // stride + 1
+  ow = (xp.shape[2] - window) // stride + 1
+  y = np.zeros((x.shape[0], oh, ow, x.shape[3]))
+  for i in range(oh):
+    for j in range(ow):
+      y[:, i, j, :] = reduce(xp[:, i * stride:i * stride + window,
+                                j * stride:j * stride + window, :], axis=(1, 2))
+  return y
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "edge"])
+@pytest.mark.parametrize("size, cin, cout, k", [(7, 1, 2, 3), (8, 3, 4, 5)])
+def test_conv2d_matches_numpy(padding, stride, mode, size, cin, cout, k):
+  x = RNG.normal(size=(2, size, size + 1, cin)).astype(np.float32)
+  kernel = RNG.normal(size=(k, k, cin, cout)).astype(np.float32)
+  bias = RNG.normal(size=(cout,)).astype(np.float32)
+  got = conv2d(x, kernel, bias, stride=stride, padding=padding, padding_mode=mode)
+  want = np_conv2d(x, kernel, bias, stride, padding, mode)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("window", [2, 3])
+@pytest.mark.parametrize("size", [6, 7])
+def test_pooling_matches_numpy(padding, stride, window, size):
+  x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
+  np.testing.assert_allclose(max_pool(x, window, stride, padding),
+                             np_pool(x, window, stride, padding, np.max, -np.inf), rtol=1e-6)
+  np.testing.assert_allclose(avg_pool(x, window, stride, padding),
+                             np_pool(x, window, stride, padding, np.mean, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_avg_pool_can_exclude_padding_from_the_count():
+  x = np.ones((1, 4, 4, 1), np.float32)
+  np.testing.assert_allclose(mnn.avg_pool(x, 3, 1, 1, count_include_pad=False), np.ones((1, 4, 4, 1)))
+  assert float(mnn.avg_pool(x, 3, 1, 1)[0, 0, 0, 0]) == pytest.approx(4 / 9)
+
+
+@pytest.mark.parametrize("padding, stride", [("VALID", 1), ("SAME", 2), (2, 1), (((1, 2), (0, 1)), 2)])
+def test_conv2d_outputs_and_gradients_equal_lax_conv(padding, stride):
+  x = jnp.asarray(RNG.normal(size=(3, 10, 9, 4)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(3, 5, 4, 6)), jnp.float32)
+  pads = mnn.explicit_padding(padding, x.shape[1:3], kernel.shape[:2], (stride, stride))
+
+  def ours(x, k):
+    return mnn.conv2d(x, k, stride=stride, padding=padding)
+
+  def reference(x, k):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel).shape), jnp.float32)
+  def value_and_vjp(f):
+    return jax.jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
+
+  (y1, grads1), (y2, grads2) = value_and_vjp(ours), value_and_vjp(reference)
+  np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
+  for g1, g2 in zip(grads1, grads2):
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window, stride, padding", [(2, None, "VALID"), (3, 2, "SAME"), (2, 1, 1)])
+def test_pool_gradients_equal_reduce_window(window, stride, padding):
+  x = jnp.asarray(RNG.normal(size=(2, 7, 8, 3)), jnp.float32)
+  s = window if stride is None else stride
+  pads = mnn.explicit_padding(padding, x.shape[1:3], (window, window), (s, s))
+  dims, strides, full = (1, window, window, 1), (1, s, s, 1), ((0, 0), *pads, (0, 0))
+
+  def ref_avg(x):
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, full) / window ** 2
+
+  def ref_max(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, full)
+
+  for ours, ref in [(lambda x: mnn.avg_pool(x, window, stride, padding), ref_avg),
+                    (lambda x: mnn.max_pool(x, window, stride, padding), ref_max)]:
+    np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(ref)(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ours(x) ** 2)))(x),
+                               jax.jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [(28, 5, 1, 2), (32, 5, 1, 0), (7, 2, 2, 0),
+                                                           (9, 3, 2, 1), (10, 4, 3, 2)])
+def test_conv_output_size_rule(size, kernel, stride, padding):
+  expected = (size - kernel + 2 * padding) // stride + 1
+  assert mnn.conv_output_size(size, kernel, stride, padding) == expected
+  x = jnp.zeros((1, size, size, 1))
+  assert mnn.conv2d(x, jnp.zeros((kernel, kernel, 1, 1)), stride=stride,
+                    padding=padding).shape[1] == expected
+  assert mnn.max_pool(x, kernel, stride, padding).shape[1] == expected
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match="channels"):
+    mnn.conv2d(x, jnp.zeros((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
+    mnn.conv2d(jnp.zeros((8, 8, 3)), jnp.zeros((3, 3, 3, 4)))
+  with pytest.raises(ValueError, match="padding"):
+    mnn.conv2d(x, jnp.zeros((3, 3, 3, 4)), padding="FULL")
+  with pytest.raises(ValueError, match="padding_mode"):
+    mnn.conv2d(x, jnp.zeros((3, 3, 3, 4)), padding=1, padding_mode="reflect")
+  with pytest.raises(ValueError, match="larger than"):
+    mnn.max_pool(x, 9)
