@@ -6,4 +6,7 @@ def get_task(config, mesh):
   if config.task == "classify":
     from mmjax.tasks import classify
     return classify.ClassifyTask(config, mesh)
-  raise ValueError(f"config.task={config.task!r}: known tasks are 'classify'.")
+  if config.task == "clip":
+    from mmjax.tasks import clip
+    return clip.ClipTask(config, mesh)
+  raise ValueError(f"config.task={config.task!r}: known tasks are 'classify' and 'clip'.")
