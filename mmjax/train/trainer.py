@@ -93,7 +93,7 @@ def _make_train_step(task, tx, schedule):
 
 def create_train_state(config, task, mesh):
   """Returns (state replicated over `mesh`, optax transformation, lr schedule)."""
-  params, extras = task.init(jax.random.PRNGKey(config.seed))
+  params, extras = jax.jit(task.init)(jax.random.PRNGKey(config.seed))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
                                       task.weight_decay_mask(params))
 
