@@ -29,6 +29,7 @@ class ClipTask:
     self.mesh = mesh
     self.model = clip_model.CLIP(**config.model.to_dict(), sigmoid=config.loss == "sigmoid")
     self.max_text_len = config.model.max_text_len
+    self.image_shape = (28, 28, 1)
     self.tokenizer = tokenizer_lib.ByteTokenizer(max_len=self.max_text_len)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     self.mean, self.std = NORMALISATION.get(config.dataset.name, (0.5, 0.5))
@@ -54,7 +55,7 @@ class ClipTask:
 
   # Model and loss.
   def init(self, rng):
-    image = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    image = jnp.zeros((1, *self.image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.max_text_len), jnp.int32)
     return self.model.init(rng, image, tokens)["params"], {}
 

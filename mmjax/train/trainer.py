@@ -167,9 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if (latest := mngr.latest_step()) is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    try:
+      restored = mngr.restore(latest, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(train_iter)))
+    except ValueError as e:
+      raise ValueError(
+          f"The checkpoint at step {latest} in {mngr.directory} does not fit this config's "
+          f"model and optimizer (was it written by another experiment?). Use a new "
+          f"--workdir, or the config that wrote it.") from e
     state = restored.state
     logging.info("Resumed from step %d in %s", latest, mngr.directory)
     if is_main:
