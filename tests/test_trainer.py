@@ -94,3 +94,17 @@ def test_batch_that_does_not_divide_the_devices_fails_before_compiling(tmp_path)
   config = _config(global_batch_size=20)
   with pytest.raises(ValueError, match="multiple of 8"):
     trainer.train_and_evaluate(config, str(tmp_path), LinearTask(config, mesh), mesh)
+
+
+def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  config = _config(num_train_steps=5)
+  trainer.train_and_evaluate(config, str(tmp_path), LinearTask(config, mesh), mesh)
+
+  class WiderTask(LinearTask):
+    def init(self, rng):
+      return {"w": jnp.zeros(4), "extra": jnp.zeros(3)}, {}
+
+  config = _config(num_train_steps=10)
+  with pytest.raises(ValueError, match="does not fit this config"):
+    trainer.train_and_evaluate(config, str(tmp_path), WiderTask(config, mesh), mesh)
