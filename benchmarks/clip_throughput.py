@@ -35,7 +35,6 @@ def main():
   args = parser.parse_args()
 
   import jax
-  import jax.numpy as jnp
   from experiments import clip_mnist
   from mmjax.models import clip as clip_model
   from mmjax.tasks import clip as clip_task

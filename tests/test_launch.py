@@ -3,7 +3,6 @@
 Every run is a subprocess with its own number of fake CPU devices. The runs use
 the MNIST experiment's smoke config, so they exercise the code a researcher runs.
 """
-import os
 import signal
 import subprocess
 import time

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import numpy as np
@@ -209,6 +209,3 @@ def image_classification_preprocess(mean: float, std: float) -> Callable[[Batch]
 
   return preprocess
 
-
-def describe(source: Any) -> str:
-  return f"{type(source).__name__} with {len(source)} examples"

@@ -2,7 +2,6 @@
 from typing import Callable
 
 import jax
-import numpy as np
 
 from mmjax.train import sharding as sharding_lib
 
