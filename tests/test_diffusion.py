@@ -106,13 +106,13 @@ def test_guidance_scale_one_is_the_conditional_prediction_in_one_doubled_call():
   x = jax.random.normal(jax.random.key(3), (3, 4, 4, 2))
   t = jnp.array([5, 50, 500])
   cond, uncond = _contexts()
-  guided = lambda s: samplers.guided_prediction(model, x, t, cond, uncond, s)
-  np.testing.assert_allclose(guided(1.0), _toy_model(x, t, cond), rtol=1e-6)
-  np.testing.assert_allclose(guided(0.0), _toy_model(x, t, jnp.zeros_like(cond)), atol=1e-6)
-  assert calls == [6, 6]  # One call per guided prediction, on the doubled batch.
-  np.testing.assert_allclose(  # Per-example scales.
-      guided(jnp.array([1.0, 0.0, 1.0]))[1], _toy_model(x, t, jnp.zeros_like(cond))[1],
-      atol=1e-6)
+  guided = jax.jit(lambda s: samplers.guided_prediction(model, x, t, cond, uncond, s))
+  np.testing.assert_allclose(guided(1.0), _toy_model(x, t, cond), rtol=1e-6, atol=1e-6)
+  unconditional = _toy_model(x, t, jnp.zeros_like(cond))
+  np.testing.assert_allclose(guided(0.0), unconditional, atol=1e-6)
+  assert calls == [6]  # One call (traced once for both scales), on the doubled batch.
+  per_example = guided(jnp.array([1.0, 0.0, 1.0]))
+  np.testing.assert_allclose(per_example[1], unconditional[1], atol=1e-6)
 
 
 def test_sampler_with_guidance_one_equals_unguided():
@@ -121,8 +121,10 @@ def test_sampler_with_guidance_one_equals_unguided():
   cond, uncond = _contexts()
   run = lambda u, s: samplers.sample(_toy_model, sch, x_T, jax.random.key(5), cond, u, s,
                                      num_steps=10, eta=0.5)
-  np.testing.assert_allclose(run(uncond, 1.0), run(None, 1.0), rtol=1e-5, atol=1e-5)
-  assert not np.allclose(run(uncond, 3.0), run(None, 1.0), atol=1e-3)
+  guided = jax.jit(lambda s: run(uncond, s))
+  unguided = run(None, 1.0)
+  np.testing.assert_allclose(guided(1.0), unguided, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(guided(3.0), unguided, atol=1e-3)
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_positive_is_not():

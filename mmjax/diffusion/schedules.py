@@ -43,7 +43,7 @@ def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 0.00085,
 
 
 def cosine_alphas_cumprod(num_timesteps: int = 1000, s: float = 0.008) -> np.ndarray:
-  """Nichol & Dhariwal 2021 closed form: [T] f(t)/f(0), t = 1..T, f(t) = cos²((t/T+s)/(1+s)·π/2)."""
+  """Nichol & Dhariwal 2021: [T] ab_t = f(t)/f(0), t = 1..T, f(t) = cos²((t/T+s)/(1+s)·π/2)."""
   f = lambda t: np.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2)**2
   return f(np.arange(1, num_timesteps + 1, dtype=np.float64)) / f(0.0)
 

@@ -1,0 +1,189 @@
+"""KL-regularised convolutional autoencoder: images to a small latent grid and back.
+
+The first stage of latent diffusion (Rombach et al. 2022). With the defaults, 28x28
+images are edge-padded to 32x32, downsampled by 4 to 8x8x4 latents, and decoded back
+and cropped to 28x28. The posterior is a diagonal Gaussian whose log-variance is
+clamped to [-30, 20].
+"""
+from collections.abc import Callable, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-swish-conv twice, plus a 1x1 shortcut when the width changes.
+
+  [batch, h, w, c] -> [batch, h, w, features].
+  """
+  features: int
+  groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = nn.Conv(self.features, (3, 3), name="conv1")(nn.swish(nn.GroupNorm(self.groups)(x)))
+    h = nn.Conv(self.features, (3, 3), name="conv2")(nn.swish(nn.GroupNorm(self.groups)(h)))
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), name="shortcut")(x)
+    return x + h
+
+
+class Encoder(nn.Module):
+  """[batch, H, W, c] -> (mean, logvar), each [batch, H/f, W/f, latent_channels].
+
+  f = 2 ** (len(channel_mult) - 1); logvar is clamped to LOGVAR_RANGE.
+  """
+  channels: int
+  channel_mult: tuple[int, ...]
+  num_res_blocks: int
+  latent_channels: int
+  groups: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    h = nn.Conv(self.channels, (3, 3), name="conv_in")(x)
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = ResnetBlock(self.channels * mult, self.groups, name=f"down{level}_block{i}")(h)
+      if level < len(self.channel_mult) - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                    name=f"down{level}_downsample")(h)
+    h = ResnetBlock(h.shape[-1], self.groups, name="mid_block")(h)
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
+    moments = nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+
+class Decoder(nn.Module):
+  """[batch, h, w, latent_channels] -> [batch, h·f, w·f, out_channels]."""
+  channels: int
+  channel_mult: tuple[int, ...]
+  num_res_blocks: int
+  out_channels: int
+  groups: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    h = nn.Conv(self.channels * self.channel_mult[-1], (3, 3), name="conv_in")(z)
+    h = ResnetBlock(h.shape[-1], self.groups, name="mid_block")(h)
+    for level in reversed(range(len(self.channel_mult))):
+      for i in range(self.num_res_blocks):
+        h = ResnetBlock(self.channels * self.channel_mult[level], self.groups,
+                        name=f"up{level}_block{i}")(h)
+      if level > 0:
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
+        h = nn.Conv(h.shape[-1], (3, 3), name=f"up{level}_upsample")(h)
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
+    return nn.Conv(self.out_channels, (3, 3), name="conv_out")(h)
+
+
+class AutoencoderKL(nn.Module):
+  """Images [batch, H, W, c] <-> latents [batch, (H+2·pad)/f, (W+2·pad)/f, latent_channels].
+
+  f = 2 ** (len(channel_mult) - 1): 4 with the default (1, 2, 2). Images are edge-padded
+  by `pad` pixels per side before encoding and the decoder's output is cropped by as
+  much, so 28x28 images give 8x8 latents and 28x28 reconstructions.
+  """
+  channels: int = 32
+  channel_mult: tuple[int, ...] = (1, 2, 2)
+  num_res_blocks: int = 1
+  latent_channels: int = 4
+  out_channels: int = 1
+  groups: int = 8
+  pad: int = 2
+
+  def setup(self):
+    self.encoder = Encoder(self.channels, self.channel_mult, self.num_res_blocks,
+                           self.latent_channels, self.groups)
+    self.decoder = Decoder(self.channels, self.channel_mult, self.num_res_blocks,
+                           self.out_channels, self.groups)
+
+  def encode(self, images: jax.Array):
+    """[batch, H, W, c] -> (mean, logvar), each [batch, h, w, latent_channels]."""
+    p, f = self.pad, 2 ** (len(self.channel_mult) - 1)
+    if images.ndim != 4 or (images.shape[1] + 2 * p) % f or (images.shape[2] + 2 * p) % f:
+      raise ValueError(f"AutoencoderKL expects [batch, height, width, channels] with "
+                       f"height + {2 * p} and width + {2 * p} divisible by {f}; "
+                       f"got {list(images.shape)}.")
+    return self.encoder(jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge"))
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """[batch, h, w, latent_channels] -> [batch, h·f − 2·pad, w·f − 2·pad, out_channels]."""
+    x = self.decoder(latents)
+    p = self.pad
+    return x[:, p:x.shape[1] - p, p:x.shape[2] - p] if p else x
+
+  def __call__(self, images: jax.Array, rng: jax.Array | None = None):
+    """Reconstructs images through a posterior sample (or its mean when rng is None).
+
+    Returns:
+      (reconstruction [batch, H, W, out_channels], mean, logvar [batch, h, w, latent]).
+    """
+    mean, logvar = self.encode(images)
+    z = mean if rng is None else sample_posterior(rng, mean, logvar)
+    return self.decode(z), mean, logvar
+
+
+def sample_posterior(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """z = mean + exp(logvar / 2)·noise; all [batch, h, w, c]."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, I)) summed over [h, w, c]: [batch]."""
+  return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+
+
+def reconstruction_loss(reconstruction: jax.Array, images: jax.Array,
+                        kind: str = "l1") -> jax.Array:
+  """|x̂ − x| ("l1") or (x̂ − x)² ("l2") summed over [H, W, c]: [batch]."""
+  diff = reconstruction - images
+  if kind == "l1":
+    per_pixel = jnp.abs(diff)
+  elif kind == "l2":
+    per_pixel = jnp.square(diff)
+  else:
+    raise ValueError(f"Reconstruction loss {kind!r}: use 'l1' or 'l2'.")
+  return jnp.sum(per_pixel, axis=tuple(range(1, diff.ndim)))
+
+
+def autoencoder_loss(reconstruction: jax.Array, images: jax.Array, mean: jax.Array,
+                     logvar: jax.Array, kl_weight: float = 1e-6, kind: str = "l1") -> jax.Array:
+  """[batch] reconstruction loss (summed over pixels) + kl_weight · KL (summed over latents).
+
+  Sums, not means, as in latent diffusion's first stage, where kl_weight = 1e-6.
+  """
+  return reconstruction_loss(reconstruction, images, kind) + kl_weight * kl_divergence(
+      mean, logvar)
+
+
+def latent_scale_factor(latents) -> float:
+  """1 / std of latents [n, h, w, c] (over every element): gives the diffusion unit variance."""
+  return 1.0 / float(np.std(np.asarray(latents, np.float64)))
+
+
+def estimate_latent_scale(encode_fn: Callable[[jax.Array], jax.Array],
+                          batches: Iterable[jax.Array]) -> float:
+  """1 / std of encode_fn's latents over a stream of image batches.
+
+  Args:
+    encode_fn: images [batch, H, W, c] -> latents [batch, h, w, c], e.g. a jitted
+      posterior mean or sample of `AutoencoderKL.encode`.
+    batches: iterable of image batches from the training data.
+
+  Returns:
+    The scale factor, accumulated in float64 without holding all latents.
+  """
+  count, total, total_sq = 0, 0.0, 0.0
+  for images in batches:
+    z = np.asarray(encode_fn(images), np.float64)
+    count, total, total_sq = count + z.size, total + z.sum(), total_sq + np.square(z).sum()
+  if not count:
+    raise ValueError("estimate_latent_scale needs at least one batch.")
+  mean = total / count
+  return 1.0 / float(np.sqrt(max(total_sq / count - mean**2, 1e-12)))
