@@ -84,6 +84,9 @@ def test_sampling_timesteps_trailing_subsequence():
   assert steps[0] == 999 and steps[-1] == 19 and len(steps) == 50
   assert np.all(np.diff(steps) == -20)
   np.testing.assert_array_equal(samplers.sampling_timesteps(10, 10), np.arange(9, -1, -1))
+  for t, n in [(1000, 3), (1000, 30), (1000, 999), (7, 1)]:
+    steps = samplers.sampling_timesteps(t, n)
+    assert len(steps) == n and steps[0] == t - 1 and np.all(np.diff(steps) < 0) and steps[-1] >= 0
 
 
 def _toy_model(x, t, context):

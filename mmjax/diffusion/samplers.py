@@ -37,8 +37,8 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
   """
   if not 1 <= num_steps <= num_train_timesteps:
     raise ValueError(f"num_steps={num_steps} must be in [1, {num_train_timesteps}].")
-  steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps))
-  return steps.astype(np.int32) - 1
+  steps = num_train_timesteps - np.arange(num_steps) * (num_train_timesteps / num_steps)
+  return np.round(steps).astype(np.int32) - 1
 
 
 def guided_prediction(model_fn: ModelFn, x_t: jax.Array, t: jax.Array, context: jax.Array,

@@ -25,8 +25,10 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), name="conv1")(nn.swish(nn.GroupNorm(self.groups)(x)))
-    h = nn.Conv(self.features, (3, 3), name="conv2")(nn.swish(nn.GroupNorm(self.groups)(h)))
+    h = nn.Conv(self.features, (3, 3), name="conv1")(
+        nn.swish(nn.GroupNorm(self.groups, name="norm1")(x)))
+    h = nn.Conv(self.features, (3, 3), name="conv2")(
+        nn.swish(nn.GroupNorm(self.groups, name="norm2")(h)))
     if x.shape[-1] != self.features:
       x = nn.Conv(self.features, (1, 1), name="shortcut")(x)
     return x + h

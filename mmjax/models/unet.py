@@ -42,9 +42,10 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), name="conv1")(nn.swish(nn.GroupNorm(self.groups)(x)))
+    h = nn.Conv(self.features, (3, 3), name="conv1")(
+        nn.swish(nn.GroupNorm(self.groups, name="norm1")(x)))
     h = h + nn.Dense(self.features, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(self.groups)(h))
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm2")(h))
     h = nn.Conv(self.features, (3, 3), kernel_init=zeros, name="conv2")(h)
     if x.shape[-1] != self.features:
       x = nn.Conv(self.features, (1, 1), name="shortcut")(x)
