@@ -1,8 +1,10 @@
 """Whole models, one per file."""
+from mmjax.models.autoencoder import AutoencoderKL
 from mmjax.models.clip import CLIP
 from mmjax.models.lenet import LeNet5
 from mmjax.models.small_cnn import SmallCNN
 from mmjax.models.text import TextTransformer
+from mmjax.models.unet import UNet
 from mmjax.models.vit import ViT
 
-__all__ = ["CLIP", "LeNet5", "SmallCNN", "TextTransformer", "ViT"]
+__all__ = ["AutoencoderKL", "CLIP", "LeNet5", "SmallCNN", "TextTransformer", "UNet", "ViT"]
