@@ -63,6 +63,15 @@ def template_choice(positions: np.ndarray, num_templates: int, seed: int) -> np.
   return (_mix(positions, seed) % np.uint64(num_templates)).astype(np.int64)
 
 
+def position_uniform(positions: np.ndarray, seed: int) -> np.ndarray:
+  """[batch] stream positions -> [batch] floats in [0, 1), pseudo-random and reproducible.
+
+  For per-example coin flips that a resumed run repeats exactly (e.g. dropping the
+  caption for classifier-free guidance).
+  """
+  return (_mix(positions, seed) >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 def captions(dataset: str, labels: np.ndarray, template_ids: np.ndarray,
              templates: tuple[str, ...]) -> list[str]:
   """[batch] labels and template ids -> the caption strings."""

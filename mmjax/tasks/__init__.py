@@ -9,4 +9,11 @@ def get_task(config, mesh):
   if config.task == "clip":
     from mmjax.tasks import clip
     return clip.ClipTask(config, mesh)
-  raise ValueError(f"config.task={config.task!r}: known tasks are 'classify' and 'clip'.")
+  if config.task == "autoencoder":
+    from mmjax.tasks import ldm
+    return ldm.AutoencoderTask(config, mesh)
+  if config.task == "ldm":
+    from mmjax.tasks import ldm
+    return ldm.LatentDiffusionTask(config, mesh)
+  raise ValueError(f"config.task={config.task!r}: known tasks are 'classify', 'clip', "
+                   f"'autoencoder' and 'ldm'.")

@@ -10,6 +10,9 @@ trainer uses through these members and nothing else:
   task.weight_decay_mask(params)        -> pytree of bools, or None
   task.after_update(state)              -> state (optional: EMA and the like)
 
+`evaluate` may also return images, uint8 arrays [n, height, width, channels]: they go
+to TensorBoard and to `<workdir>/images/<name>_<step>.png` (n images side by side).
+
 The train step is one `jax.jit` over a mesh of every device of every process:
 parameters and optimizer state replicated, the batch split along the `data` axis,
 the state donated. The same config gives the same losses on any number of devices.
@@ -28,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import PIL.Image
 from clu import periodic_actions
 
 import grain
@@ -136,6 +140,43 @@ def _check_finite(rows: list[tuple[int, dict]], mngr):
           f"clip gradients (config.optimizer.grad_clip_norm).")
 
 
+def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]):
+  """TensorBoard images, and each [n, h, w, c] uint8 set as one PNG strip in the workdir."""
+  writer.write_images(step, images)
+  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+  for name, value in images.items():
+    strip = np.concatenate(list(value), axis=1)  # [h, n·w, c]
+    path = os.path.join(workdir, "images", f"{name.replace('/', '_')}_{step}.png")
+    PIL.Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).save(path)
+
+
+def restore_state(workdir: str, step: int | None = None) -> dict:
+  """The train state saved in another run's workdir, as a dict of host-local arrays.
+
+  For a later stage that reads an earlier one (a diffusion model its autoencoder, a
+  sampler its judge): {"params", "extras", "opt_state", "step", "rng"} of the latest
+  (or the given) checkpoint, placed on this process's first device whatever the
+  device layout it was saved from.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  mngr = ocp.CheckpointManager(directory)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {directory}: train that run first (or fix the "
+                            f"workdir in the config).")
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          metadata)
+  state = checkpointer.restore(path, abstract)
+  checkpointer.close()
+  mngr.close()
+  return state
+
+
 def _mean_rows(rows: list[tuple[int, dict]]) -> dict[str, float]:
   return {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
 
@@ -220,7 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
         last_log = (step, now)
       if do_eval:
         t = time.monotonic()
-        scalars.update(task.evaluate(state))
+        results = task.evaluate(state)
+        images = {k: v for k, v in results.items() if np.ndim(v) == 4}
+        scalars.update({k: v for k, v in results.items() if k not in images})
+        if images and is_main:
+          _write_images(writer, workdir, step, images)
         scalars["eval/seconds"] = time.monotonic() - t
         last_log = (last_log[0], last_log[1] + scalars["eval/seconds"])
       if do_log or do_eval:
