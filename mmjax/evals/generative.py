@@ -7,7 +7,7 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
   f = np.asarray(features, np.float64)
   if f.ndim != 2 or f.shape[0] < 2:
     raise ValueError(f"Need features [n >= 2, dim], got shape {f.shape}.")
-  return f.mean(axis=0), np.cov(f, rowvar=False)
+  return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 def frechet_distance(features_a, features_b) -> float:
