@@ -8,3 +8,7 @@ from mmjax.models.unet import UNet
 from mmjax.models.vit import ViT
 
 __all__ = ["AutoencoderKL", "CLIP", "LeNet5", "SmallCNN", "TextTransformer", "UNet", "ViT"]
+from mmjax.models.imagebert import ImageBERT
+from mmjax.models.vlm import VisionLanguageModel, greedy_generate
+
+__all__ += ["ImageBERT", "VisionLanguageModel", "greedy_generate"]

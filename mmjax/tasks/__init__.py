@@ -15,5 +15,11 @@ def get_task(config, mesh):
   if config.task == "ldm":
     from mmjax.tasks import ldm
     return ldm.LatentDiffusionTask(config, mesh)
+  if config.task == "vqa":
+    from mmjax.tasks import vqa
+    return vqa.VqaTask(config, mesh)
+  if config.task == "imagebert":
+    from mmjax.tasks import imagebert
+    return imagebert.ImageBertTask(config, mesh)
   raise ValueError(f"config.task={config.task!r}: known tasks are 'classify', 'clip', "
                    f"'autoencoder' and 'ldm'.")

@@ -1,0 +1,322 @@
+"""An Idefics2-style vision-language model: image -> a few tokens in front of a causal LM.
+
+    image [b, H, W, C]
+      -> ViT (mmjax.models.vit's parameters; random, or a CLIP run's image tower)
+         every token [b, n_vision, vision_width]
+      -> perceiver resampler: num_latents learned queries cross-attend to them
+         [b, num_latents, vision_width]
+      -> modality projection MLP [b, num_latents, width]
+      -> concatenated in front of the text's token embeddings, read by a causal
+         Transformer decoder that predicts the next text token.
+
+With `image_split=2` the image is cut into 2x2 sub-images, each encoded by the ViT on
+its own (Idefics2's image splitting) and tagged with a learned sub-image embedding.
+
+Text is laid out as [PAD ... PAD BOS question][answer EOS PAD ...]: prompts are padded
+on the left so that every answer starts at the same index, which lets a whole batch be
+decoded in step. Position ids count valid tokens only (cumsum of the validity mask), so
+left padding does not shift them.
+
+`greedy_generate` decodes with a key/value cache inside one `lax.while_loop`
+(`use_cache=False`: the whole sequence re-run at every step; the same tokens, slower).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.data import tokenizer
+from mmjax.models import vit
+from mmjax.nn import attention
+from mmjax.nn import fusion
+from mmjax.nn import transformer
+
+Cache = list[dict[str, jax.Array]]  # Per layer {"k", "v"}: [batch, max_len, heads, head_dim].
+
+
+class ViTEncoder(nn.Module):
+  """[batch, height, width, channels] -> [batch, (1 +) patches, width]: every output token.
+
+  The parameters are exactly those of `vit.ViT(variant, pool)` ("embedding",
+  "pos_embedding", "cls" when pool="tok", "encoder"), so a ViT trained elsewhere (the
+  image tower of CLIP) loads as it is; token 0 is then what `vit.ViT` returns.
+  """
+  variant: str = "mu/7"
+  pool: str = "tok"  # "tok": a class token first; "gap": patch tokens only.
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    v = vit.parse_variant(self.variant)
+    p = v["patch"]
+    if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f"ViT {self.variant} expects [batch, height, width, channels] with "
+                       f"height and width divisible by {p}; got {list(images.shape)}.")
+    if self.pool not in ("tok", "gap"):
+      raise ValueError(f"pool={self.pool!r}: use 'tok' or 'gap'.")
+    x = nn.Conv(v["width"], (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+    x = x.reshape(x.shape[0], -1, v["width"])
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]))
+    if self.pool == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, v["width"]))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, v["width"])), x], axis=1)
+    return transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], name="encoder")(x)
+
+
+def split_image(images: jax.Array, grid: int) -> jax.Array:
+  """[b, H, W, c] -> [b * grid², H / grid, W / grid, c], sub-images in reading order."""
+  b, h, w, c = images.shape
+  if h % grid or w % grid:
+    raise ValueError(f"Images {list(images.shape)} do not split into {grid}x{grid} tiles.")
+  x = images.reshape(b, grid, h // grid, grid, w // grid, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b * grid * grid, h // grid, w // grid, c)
+
+
+def chunk_mask(key_valid: jax.Array, index, length: int) -> jax.Array:
+  """Causal mask of `length` queries at absolute positions index.. over all keys.
+
+  Args:
+    key_valid: [batch, kv_len] bool, the keys that hold real tokens.
+    index: int or scalar array, the absolute position of the first query.
+    length: the number of queries.
+
+  Returns:
+    [batch, 1, length, kv_len] bool: key j is seen by query i iff j <= index + i and
+    key j is valid.
+  """
+  q = index + jnp.arange(length)
+  causal = jnp.arange(key_valid.shape[1])[None, :] <= q[:, None]
+  return causal[None, None] & key_valid[:, None, None, :]
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+  """[batch, len] bool -> [batch, len] int32 position ids: the number of valid tokens before."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class CachedSelfAttention(nn.Module):
+  """Multi-head self-attention over a chunk of new tokens, with an optional key/value cache.
+
+  Parameters are named as in `attention.MultiHeadAttention` (query, key, value, out).
+  x [batch, chunk, width], mask [batch, 1, chunk, kv_len]. Without a cache the keys are
+  the chunk itself (kv_len = chunk). With a cache ({"k", "v"}: [batch, kv_len, heads,
+  head_dim]) the chunk's keys and values are written at `index` first, and the chunk
+  attends to the whole cache. Returns (out [batch, chunk, width], {"k", "v"}).
+  """
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, cache: dict | None = None,
+               index=None) -> tuple[jax.Array, dict]:
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+    out = attention.dot_product_attention(q, k, v, mask)
+    return nn.DenseGeneral(width, axis=(-2, -1), name="out")(out), {"k": k, "v": v}
+
+
+class CausalBlock(nn.Module):
+  """Pre-LN decoder-only block: x + SelfAttention(LN(x)), then + MLP(LN(x)); cache-aware."""
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x, mask, cache=None, index=None):
+    h, kv = CachedSelfAttention(self.num_heads, name="attention")(
+        nn.LayerNorm(name="ln1")(x), mask, cache, index)
+    x = x + h
+    return x + transformer.MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x)), kv
+
+
+class VisionLanguageModel(nn.Module):
+  """images [b, H, W, C], tokens [b, T], valid [b, T] -> next-token logits [b, T, vocab].
+
+  The image becomes `num_latents` tokens in front of the text (see the module
+  docstring). `max_len` bounds num_latents + T.
+  """
+  vision_variant: str = "mu/7"
+  vision_pool: str = "tok"
+  image_split: int = 1
+  num_latents: int = 16
+  resampler_depth: int = 1
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 512
+  max_len: int = 128
+  vocab_size: int = tokenizer.VOCAB_SIZE
+
+  def setup(self):
+    self.vision = ViTEncoder(self.vision_variant, self.vision_pool)
+    vision_width = vit.parse_variant(self.vision_variant)["width"]
+    if self.image_split > 1:
+      self.subimage_embedding = self.param("subimage_embedding", nn.initializers.normal(0.02),
+                                           (self.image_split ** 2, 1, vision_width))
+    self.resampler = fusion.PerceiverResampler(self.num_latents, self.resampler_depth,
+                                               num_heads=self.num_heads)
+    self.projection = fusion.ModalityProjection(self.width)
+    self.token_embedding = nn.Embed(self.vocab_size, self.width,
+                                    embedding_init=nn.initializers.normal(0.02))
+    self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
+                                    (self.max_len, self.width))
+    self.blocks = [CausalBlock(self.num_heads, self.mlp_dim) for _ in range(self.depth)]
+    self.ln_final = nn.LayerNorm()
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """[b, H, W, C] -> [b, num_latents, width]: the image's tokens for the LM."""
+    b = images.shape[0]
+    if self.image_split > 1:
+      x = self.vision(split_image(images, self.image_split))  # [b·s², n, vw]
+      x = x.reshape(b, self.image_split ** 2, *x.shape[1:]) + self.subimage_embedding
+      x = x.reshape(b, -1, x.shape[-1])
+    else:
+      x = self.vision(images)
+    return self.projection(self.resampler(x))
+
+  def _run(self, x, positions, mask, caches=None, index=None):
+    """x [b, c, width] at positions [b, c] -> (logits [b, c, vocab], per-layer {"k", "v"})."""
+    x = x + self.pos_embedding[positions]
+    new = []
+    for i, block in enumerate(self.blocks):
+      x, kv = block(x, mask, None if caches is None else caches[i], index)
+      new.append(kv)
+    return self.token_embedding.attend(self.ln_final(x)), new
+
+  def _check_len(self, n: int):
+    if n > self.max_len:
+      raise ValueError(f"{self.num_latents} image tokens + text make {n} positions, more "
+                       f"than max_len={self.max_len}.")
+
+  def logits_from_prefix(self, prefix: jax.Array, tokens: jax.Array,
+                         valid: jax.Array) -> jax.Array:
+    """prefix [b, n, width] (from encode_image), tokens and valid [b, T] -> [b, T, vocab]."""
+    n = prefix.shape[1]
+    self._check_len(n + tokens.shape[1])
+    x = jnp.concatenate([prefix, self.token_embedding(tokens)], axis=1)
+    full_valid = jnp.concatenate([jnp.ones(prefix.shape[:2], bool), valid.astype(bool)], axis=1)
+    logits, _ = self._run(x, positions_from_valid(full_valid),
+                          chunk_mask(full_valid, 0, x.shape[1]))
+    return logits[:, n:]
+
+  def __call__(self, images: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    return self.logits_from_prefix(self.encode_image(images), tokens, valid)
+
+  def prefill(self, prefix: jax.Array, prompt: jax.Array, full_valid: jax.Array,
+              cache_dtype=jnp.float32) -> tuple[jax.Array, Cache]:
+    """Runs image tokens and prompt once, filling a key/value cache for later steps.
+
+    Args:
+      prefix: [b, n, width] image tokens; prompt: [b, q] int.
+      full_valid: [b, L] bool over the whole cache (image, prompt, tokens to come).
+
+    Returns:
+      (logits [b, vocab] at the last prompt position, cache: per layer {"k", "v"}
+      [b, L, heads, head_dim] holding positions 0..n+q-1).
+    """
+    self._check_len(full_valid.shape[1])
+    x = jnp.concatenate([prefix, self.token_embedding(prompt)], axis=1)
+    b, p = x.shape[:2]
+    shape = (b, full_valid.shape[1], self.num_heads, self.width // self.num_heads)
+    empty = [{"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)}
+             for _ in range(self.depth)]
+    positions = positions_from_valid(full_valid)[:, :p]
+    logits, cache = self._run(x, positions, chunk_mask(full_valid, 0, p), empty, 0)
+    return logits[:, -1], cache
+
+  def decode_step(self, token: jax.Array, index, cache: Cache,
+                  full_valid: jax.Array) -> tuple[jax.Array, Cache]:
+    """One new token [b] at absolute position `index` -> (logits [b, vocab], cache)."""
+    positions = jax.lax.dynamic_slice_in_dim(positions_from_valid(full_valid), index, 1, 1)
+    x = self.token_embedding(token[:, None])
+    logits, cache = self._run(x, positions, chunk_mask(full_valid, index, 1), cache, index)
+    return logits[:, 0], cache
+
+
+def greedy_generate(model: VisionLanguageModel, params, images: jax.Array, prompt: jax.Array,
+                    max_new_tokens: int, use_cache: bool = True) -> jax.Array:
+  """Greedy answers, decoded in one `lax.while_loop` (stops when every row has ended).
+
+  Args:
+    model, params: a VisionLanguageModel and its parameters.
+    images: [b, H, W, C].
+    prompt: [b, q] int, padded on the left with PAD (BOS, then the question).
+    max_new_tokens: how many tokens to generate at most.
+    use_cache: decode with a key/value cache (one token per step); False re-runs
+      the whole sequence every step. Both return the same tokens.
+
+  Returns:
+    [b, max_new_tokens] int32: each row's tokens up to and including its first EOS,
+    then PAD.
+  """
+  variables = {"params": params}
+  b, q = prompt.shape
+  prefix = model.apply(variables, images, method=model.encode_image)
+  n = prefix.shape[1]
+  prompt_valid = prompt != tokenizer.PAD
+  text_valid = jnp.concatenate([prompt_valid, jnp.ones((b, max_new_tokens), bool)], axis=1)
+  full_valid = jnp.concatenate([jnp.ones((b, n), bool), text_valid], axis=1)
+
+  if use_cache:
+    logits, cache = model.apply(variables, prefix, prompt, full_valid, method=model.prefill)
+
+    def next_logits(carry, t, token):
+      cache = carry
+      logits, cache = model.apply(variables, token, n + q + t, cache, full_valid,
+                                  method=model.decode_step)
+      return logits, cache
+  else:
+    buffer = jnp.concatenate([prompt, jnp.zeros((b, max_new_tokens), prompt.dtype)], axis=1)
+    logits = model.apply(variables, prefix, buffer, text_valid,
+                         method=model.logits_from_prefix)[:, q - 1]
+    cache = buffer  # The carried state: the tokens so far.
+
+    def next_logits(carry, t, token):
+      buffer = jax.lax.dynamic_update_slice_in_dim(carry, token[:, None].astype(carry.dtype),
+                                                   q + t, 1)
+      all_logits = model.apply(variables, prefix, buffer, text_valid,
+                               method=model.logits_from_prefix)
+      return jax.lax.dynamic_index_in_dim(all_logits, q + t, 1, keepdims=False), buffer
+
+  def cond(state):
+    t, _, done, _, _ = state
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    t, out, done, logits, carry = state
+    token = jnp.where(done, tokenizer.PAD, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], t, 1)
+    done = done | (token == tokenizer.EOS)
+    logits, carry = next_logits(carry, t, token)  # The last step's are unused.
+    return t + 1, out, done, logits, carry
+
+  out = jnp.full((b, max_new_tokens), tokenizer.PAD, jnp.int32)
+  state = (jnp.zeros((), jnp.int32), out, jnp.zeros((b,), bool), logits, cache)
+  return jax.lax.while_loop(cond, body, state)[1]
+
+
+def with_vision_params(params, vision_params):
+  """`params` with its ViT replaced by `vision_params` (e.g. CLIP's "image_tower").
+
+  Raises a ValueError naming the first parameter whose path or shape differs.
+  """
+  ours = params["vision"]
+  want = jax.tree_util.tree_flatten_with_path(ours)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(vision_params)[0])
+  for path, x in want:
+    name = jax.tree_util.keystr(path)
+    if path not in got:
+      raise ValueError(f"The loaded vision parameters have no {name} (keys: "
+                       f"{sorted(vision_params)}); is the ViT variant or pool different?")
+    if tuple(got[path].shape) != tuple(x.shape):
+      raise ValueError(f"Vision parameter {name}: loaded shape {tuple(got[path].shape)}, the "
+                       f"model wants {tuple(x.shape)}; set the ViT variant (and image_split) "
+                       f"to what the loaded run used.")
+  if len(got) != len(want):
+    raise ValueError(f"The loaded vision parameters have {len(got)} arrays, the model "
+                     f"{len(want)}; is the ViT variant or pool different?")
+  loaded = jax.tree.map(lambda x, y: jnp.asarray(y, x.dtype), ours,
+                        jax.tree_util.tree_unflatten(jax.tree.structure(ours),
+                                                     [got[p] for p, _ in want]))
+  return {**params, "vision": loaded}

@@ -1,0 +1,140 @@
+"""The Idefics2-style VLM: ViT tokens, causal decoding, cached == uncached generation, CLIP load."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import models
+from mmjax.data import tokenizer
+from mmjax.data import vqa
+from mmjax.models import vit
+from mmjax.models import vlm
+
+TINY = dict(vision_variant="mu/7", num_latents=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+            max_len=48)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(**kwargs):
+  """A tiny model and its parameters, made once per configuration (compiling init is slow)."""
+  model = vlm.VisionLanguageModel(**{**TINY, **kwargs})
+  images = jnp.zeros((1, 56, 56, 1))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens, tokens > 0)["params"]
+  return model, params
+
+
+_generate = jax.jit(vlm.greedy_generate, static_argnums=(0, 4, 5))
+
+
+def _images(n, seed=1):
+  return jax.random.normal(jax.random.PRNGKey(seed), (n, 56, 56, 1))
+
+
+def test_vit_encoder_has_vit_parameters_and_its_class_token():
+  images = _images(2)[:, :28, :28]
+  ref = vit.ViT("mu/4", pool="tok")
+  params = jax.jit(ref.init)(jax.random.PRNGKey(0), images)
+  encoder = vlm.ViTEncoder("mu/4", pool="tok")
+  shapes = jax.tree.map(jnp.shape, jax.eval_shape(encoder.init, jax.random.PRNGKey(0), images))
+  assert shapes == jax.tree.map(jnp.shape, params)
+  tokens = jax.jit(encoder.apply)(params, images)
+  assert tokens.shape == (2, 1 + 49, 64)
+  np.testing.assert_allclose(tokens[:, 0], jax.jit(ref.apply)(params, images), atol=1e-5)
+
+
+def test_split_image_cuts_cells_in_reading_order():
+  cells = np.arange(2 * 4 * 3 * 3).reshape(2, 4, 3, 3, 1).astype(np.float32)
+  grid = vqa.compose_grid(cells)
+  np.testing.assert_array_equal(vlm.split_image(jnp.asarray(grid), 2), cells.reshape(8, 3, 3, 1))
+
+
+def test_logits_are_causal_and_left_padding_does_not_shift_positions():
+  model, params = _tiny()
+  apply = jax.jit(model.apply)
+  prompts = vqa.encode_prompts(["is there a one?", "how many twos are there?"], 30)
+  images = _images(2)
+  logits = apply({"params": params}, images, prompts, prompts != tokenizer.PAD)
+  assert logits.shape == (2, 30, tokenizer.VOCAB_SIZE)
+  # Changing the last token changes nothing before it.
+  changed = prompts.copy()
+  changed[:, -1] = 50
+  other = apply({"params": params}, images, changed, changed != tokenizer.PAD)
+  np.testing.assert_allclose(other[:, :-1], logits[:, :-1], atol=1e-5)
+  # Five more PADs on the left: the same logits at the real tokens.
+  wider = vqa.encode_prompts(["is there a one?", "how many twos are there?"], 35)
+  padded = apply({"params": params}, images, wider, wider != tokenizer.PAD)
+  for row in range(2):
+    real = prompts[row] != tokenizer.PAD
+    np.testing.assert_allclose(padded[row, 5:][real], logits[row][real], atol=1e-4)
+
+
+@pytest.mark.parametrize("vision", [{}, dict(vision_variant="mu/4", image_split=2)])
+def test_cached_greedy_decoding_equals_uncached(vision):
+  model, params = _tiny(**vision)
+  questions = ["what is in the top left?", "is there an eight?", "count the ones.",
+               "how many sevens are there?"]
+  prompts = jnp.asarray(vqa.encode_prompts(questions, 28))
+  images = _images(4)
+  cached = np.asarray(_generate(model, params, images, prompts, 10, True))
+  uncached = np.asarray(_generate(model, params, images, prompts, 10, False))
+  assert cached.shape == (4, 10)
+  np.testing.assert_array_equal(cached, uncached)
+  assert len(set(map(tuple, cached))) > 1  # Not a degenerate constant.
+
+
+def test_generation_stops_at_eos_and_pads_after_it():
+  model, params = _tiny()
+  # Make EOS the model's only prediction: a constant final state that points at its embedding.
+  width = TINY["width"]
+  eos = jnp.zeros(width).at[0].set(1.0)
+  table = params["token_embedding"]["embedding"].at[tokenizer.EOS].set(eos)
+  params = {**params, "token_embedding": {"embedding": table},
+            "ln_final": {"scale": jnp.zeros(width), "bias": 10.0 * eos}}
+  prompts = jnp.asarray(vqa.encode_prompts(["is there a one?"], 20))
+  images = _images(1)
+  for use_cache in (True, False):
+    out = np.asarray(_generate(model, params, images, prompts, 5, use_cache))
+    np.testing.assert_array_equal(out, [[tokenizer.EOS] + [tokenizer.PAD] * 4])
+
+
+def test_prefill_and_decode_step_match_the_full_forward_pass():
+  model, params = _tiny()
+  variables = {"params": params}
+  images = _images(2)
+  text = jnp.asarray(vqa.encode_prompts(["is there a nine?", "what is in the top right?"], 30))
+  valid = text != tokenizer.PAD
+  full = jax.jit(model.apply)(variables, images, text, valid)
+
+  @jax.jit
+  def stepwise(images, text, valid):
+    prefix = model.apply(variables, images, method=model.encode_image)
+    full_valid = jnp.concatenate([jnp.ones(prefix.shape[:2], bool), valid], axis=1)
+    first, cache = model.apply(variables, prefix, text[:, :20], full_valid, method=model.prefill)
+    rest = []
+    for i in range(20, 29):
+      logits, cache = model.apply(variables, text[:, i], prefix.shape[1] + i, cache, full_valid,
+                                  method=model.decode_step)
+      rest.append(logits)
+    return first, jnp.stack(rest, axis=1)
+
+  first, rest = stepwise(images, text, valid)
+  np.testing.assert_allclose(first, full[:, 19], atol=1e-4)
+  np.testing.assert_allclose(rest, full[:, 20:29], atol=1e-4)
+
+
+def test_clip_image_tower_loads_into_the_vision_encoder():
+  clip = models.CLIP(image_variant="mu/4", text_width=16, text_depth=1, text_heads=2,
+                     text_mlp_dim=32, max_text_len=8, embed_dim=16)
+  clip_params = jax.jit(clip.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                                   jnp.zeros((1, 8), jnp.int32))["params"]
+  model, params = _tiny(vision_variant="mu/4", image_split=2)
+  loaded = vlm.with_vision_params(params, clip_params["image_tower"])
+  for a, b in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(clip_params["image_tower"])):
+    np.testing.assert_array_equal(a, b)
+  assert loaded["resampler"] is params["resampler"]
+  _, mu7 = _tiny()
+  with pytest.raises(ValueError, match="shape.*variant"):
+    vlm.with_vision_params(mu7, clip_params["image_tower"])
