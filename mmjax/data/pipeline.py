@@ -128,7 +128,8 @@ def load_source(dataset_config, split: str):
   return tfds_source(c.name, split, c.data_dir, c.download)
 
 
-def _gather(source, indices: np.ndarray) -> Batch:
+def gather(source, indices: np.ndarray) -> Batch:
+  """The examples at `indices` of a TFDS or array source, stacked: {key: [n, ...]}."""
   if isinstance(source, ArraySource):
     return source.gather(indices)
   examples = source.__getitems__(indices.tolist())
@@ -171,7 +172,7 @@ def train_dataset(source, *, global_batch_size: int, seed: int,
 
   def read(positions_and_indices):
     positions, indices = positions_and_indices
-    return preprocess({**_gather(source, indices), "position": positions})
+    return preprocess({**gather(source, indices), "position": positions})
 
   ds = ds.map(read)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
@@ -192,7 +193,7 @@ def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch]
 
   def read(indices: np.ndarray) -> Batch:
     valid = indices < n
-    batch = preprocess({**_gather(source, np.where(valid, indices, 0)), "position": indices})
+    batch = preprocess({**gather(source, np.where(valid, indices, 0)), "position": indices})
     batch["mask"] = valid.astype(np.float32)
     return batch
 

@@ -73,6 +73,7 @@ class AutoencoderTask:
     self.train_source = pipeline.load_source(config.dataset, config.dataset.train_split)
     self.eval_source = pipeline.load_source(config.dataset, config.dataset.eval_split)
     self._eval_sums = jax.jit(self._batch_sums)
+    self._reconstruct = jax.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
 
   def _preprocess(self, batch):
     return {"image": to_unit_range(batch["image"])}
@@ -116,13 +117,10 @@ class AutoencoderTask:
         functools.partial(self._eval_sums, state.params), dataset, self.mesh))
     metrics["eval/latent_rms"] = float(np.sqrt(metrics.pop("eval/latent_sq")))
     # Eight test digits over their reconstructions.
-    x = to_unit_range(self.eval_source.gather(np.arange(8))["image"]) if isinstance(
-        self.eval_source, pipeline.ArraySource) else None
-    if x is not None:
-      params = jax.device_get(state.params)
-      recon = self.model.apply({"params": params}, jnp.asarray(x))[0]
-      pair = np.concatenate([x, np.asarray(recon)]) * 0.5 + 0.5
-      metrics["reconstructions"] = generative.image_grid(pair, rows=2)
+    x = to_unit_range(pipeline.gather(self.eval_source, np.arange(8))["image"])
+    recon = self._reconstruct(jax.device_get(state.params), x)
+    pair = np.concatenate([x, np.asarray(recon)]) * 0.5 + 0.5
+    metrics["reconstructions"] = generative.image_grid(pair, rows=2)
     return metrics
 
 
