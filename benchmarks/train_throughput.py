@@ -1,11 +1,16 @@
 r"""Training throughput of the trainer's real jitted step, as one JSON line.
 
   python benchmarks/train_throughput.py --model lenet5 --batch 128
+  python benchmarks/train_throughput.py --model small_cnn_flax --batch 128
 
 Builds the MNIST experiment's task, state and train step exactly as launch.py does
 (`trainer.create_train_state`, `trainer.jit_train_step`), compiles once, warms up,
 then times `--repeats` runs of `--steps` steps on one fixed batch (step only) and
 on fresh batches from the Grain pipeline (end to end). Prints the medians.
+
+`--model lenet5_flax` / `small_cnn_flax` time the same trainer step with the model
+swapped for its plain-Flax twin (`benchmarks/plain_flax.py`: flax.linen.Conv and
+pooling instead of mmjax.nn), the reference that mmjax's lowering has to beat.
 """
 import argparse
 import json
@@ -15,11 +20,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="lenet5", choices=["lenet5", "small_cnn"])
+  parser.add_argument("--model", default="lenet5",
+                      choices=["lenet5", "small_cnn", "lenet5_flax", "small_cnn_flax"])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
@@ -27,15 +34,19 @@ def main():
   args = parser.parse_args()
 
   import jax
+  import plain_flax
   from experiments import mnist_lenet
   from mmjax import tasks
   from mmjax.data import pipeline
   from mmjax.train import sharding, trainer
 
-  config = mnist_lenet.get_config(f"model={args.model}")
+  base_model, plain_model = plain_flax.MODELS.get(args.model, (args.model, None))
+  config = mnist_lenet.get_config(f"model={base_model}")
   config.global_batch_size = args.batch
   mesh = sharding.make_mesh()
   task = tasks.get_task(config, mesh)
+  if plain_model is not None:
+    task.model = plain_model()
   state, tx, schedule = trainer.create_train_state(config, task, mesh)
   train_iter = iter(task.train_dataset(pipeline.Sharding()))
   batch = sharding.global_batch(next(train_iter), mesh)

@@ -1,4 +1,6 @@
 """conv2d and pooling against naive NumPy loops and against lax.conv_general_dilated."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,49 @@ def test_bad_inputs_raise_clear_errors():
     mnn.conv2d(x, jnp.zeros((3, 3, 3, 4)), padding=1, padding_mode="reflect")
   with pytest.raises(ValueError, match="larger than"):
     mnn.max_pool(x, 9)
+
+
+LOWERINGS = ["shift", "band", "band1", "band2", "band3", "xla", "patches"]
+
+
+def _lax_conv(x, k, stride):
+  return jax.lax.conv_general_dilated(x, k, stride, "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _assert_same_values_and_gradients(ours, x, kernel, stride, tol=1e-4):
+  ref = functools.partial(_lax_conv, stride=stride)
+  cotangent = jnp.asarray(RNG.normal(size=ref(x, kernel).shape), jnp.float32)
+
+  def value_and_vjp(f):
+    return jax.jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
+
+  (y1, (dx1, dk1)), (y2, (dx2, dk2)) = value_and_vjp(ours), value_and_vjp(ref)
+  np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol)
+  np.testing.assert_allclose(dx1, dx2, rtol=tol, atol=tol, err_msg="input gradient")
+  np.testing.assert_allclose(dk1, dk2, rtol=tol, atol=tol, err_msg="kernel gradient")
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (2, 3)])
+@pytest.mark.parametrize("cin, kernel_hw", [(1, (5, 5)), (3, (3, 2))])
+def test_every_lowering_matches_lax_conv_with_gradients(lowering, stride, cin, kernel_hw):
+  """Each lowering alone: output, input gradient and kernel gradient (its autodiff)."""
+  x = jnp.asarray(RNG.normal(size=(2, 11, 12, cin)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(*kernel_hw, cin, 4)), jnp.float32)
+  plan = mnn.conv.Plan(lowering, lowering, lowering)
+  _assert_same_values_and_gradients(
+      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride)
+
+
+@pytest.mark.parametrize("plan", [("shift", "band", "band"), ("band", "xla", "band3"),
+                                  ("xla", "band2", "patches"), ("patches", "shift", "xla"),
+                                  ("shift", "xla", "xla")])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_mixed_plans_match_lax_conv_with_gradients(plan, stride):
+  """Forward, input gradient and kernel gradient by different lowerings (custom VJP)."""
+  x = jnp.asarray(RNG.normal(size=(3, 10, 9, 2)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(3, 4, 2, 5)), jnp.float32)
+  plan = mnn.conv.Plan(*plan)
+  _assert_same_values_and_gradients(
+      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride)
