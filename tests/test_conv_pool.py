@@ -199,12 +199,38 @@ def test_every_lowering_matches_lax_conv_with_gradients(lowering, stride, cin, k
 
 @pytest.mark.parametrize("plan", [("shift", "band", "band"), ("band", "xla", "band3"),
                                   ("xla", "band2", "patches"), ("patches", "shift", "xla"),
-                                  ("shift", "xla", "xla")])
+                                  ("shift", "xla", "xla"),
+                                  # The batch in pieces (lax.map forward, lax.scan backward).
+                                  ("band2", "band2", "band2", 3), ("xla", "band", "band3", 2),
+                                  ("shift", "patches", "band", 6)])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 def test_mixed_plans_match_lax_conv_with_gradients(plan, stride):
-  """Forward, input gradient and kernel gradient by different lowerings (custom VJP)."""
-  x = jnp.asarray(RNG.normal(size=(3, 10, 9, 2)), jnp.float32)
+  """Forward, input gradient and kernel gradient by different lowerings (custom VJP),
+  and the batch of 6 in 2, 3 or 6 pieces."""
+  x = jnp.asarray(RNG.normal(size=(6, 10, 9, 2)), jnp.float32)
   kernel = jnp.asarray(RNG.normal(size=(3, 4, 2, 5)), jnp.float32)
   plan = mnn.conv.Plan(*plan)
   _assert_same_values_and_gradients(
       lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride)
+
+
+def test_batch_pieces_that_do_not_divide_the_batch():
+  """5 images in 2 pieces: padded with a zero image, which changes no gradient."""
+  x = jnp.asarray(RNG.normal(size=(5, 9, 8, 3)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 4)), jnp.float32)
+  plan = mnn.conv.Plan("band", "band2", "band", 2)
+  _assert_same_values_and_gradients(
+      lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1))
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape", [((512, 32, 32, 1), (5, 5, 1, 6)),
+                                                   ((128, 18, 18, 10), (5, 5, 10, 16)),
+                                                   ((7, 9, 9, 16), (3, 3, 16, 64))])
+def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape):
+  """Whatever `choose_plan` picks for LeNet-5 / SmallCNN layers (batch in pieces too)."""
+  x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=kernel_shape), jnp.float32)
+  plan = mnn.conv.choose_plan(x.shape, kernel.shape, (1, 1))
+  assert x_shape[0] < 512 or plan.batch_chunks > 1
+  _assert_same_values_and_gradients(
+      lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1), tol=2e-3)

@@ -199,15 +199,36 @@ def lowering(name: str):
 
 
 class Plan(NamedTuple):
-  """Which lowering computes the output, the input gradient and the kernel gradient."""
+  """How to lower one convolution: a lowering for the output, one for the input gradient,
+  one for the kernel gradient, and how many pieces to cut the batch into."""
   forward: str
   input_grad: str
   kernel_grad: str
+  batch_chunks: int = 1
+
+
+def _split_batch(a: jax.Array, chunks: int) -> jax.Array:
+  return a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+
+def _merge_batch(a: jax.Array) -> jax.Array:
+  return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _grads(x, kernel, dy, stride, plan):
+  """(dx, dkernel): each the VJP of its own lowering; all compute the same linear map."""
+  _, input_vjp = jax.vjp(lambda x: lowering(plan.input_grad)(x, kernel, stride), x)
+  _, kernel_vjp = jax.vjp(lambda k: lowering(plan.kernel_grad)(x, k, stride), kernel)
+  return input_vjp(dy)[0], kernel_vjp(dy)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_planned(x, kernel, stride, plan):
-  return lowering(plan.forward)(x, kernel, stride)
+  """The forward lowering, over the batch in `plan.batch_chunks` pieces one after another."""
+  forward = functools.partial(lowering(plan.forward), kernel=kernel, stride=stride)
+  if plan.batch_chunks == 1:
+    return forward(x)
+  return _merge_batch(jax.lax.map(forward, _split_batch(x, plan.batch_chunks)))
 
 
 def _conv_planned_fwd(x, kernel, stride, plan):
@@ -215,11 +236,19 @@ def _conv_planned_fwd(x, kernel, stride, plan):
 
 
 def _conv_planned_bwd(stride, plan, residuals, dy):
-  """Each gradient is the VJP of its own lowering: all compute the same linear map."""
+  """Both gradients, piece by piece: one piece's rows or patches in memory at a time."""
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: lowering(plan.input_grad)(x, kernel, stride), x)
-  _, kernel_vjp = jax.vjp(lambda k: lowering(plan.kernel_grad)(x, k, stride), kernel)
-  return input_vjp(dy)[0], kernel_vjp(dy)[0]
+  if plan.batch_chunks == 1:
+    return _grads(x, kernel, dy, stride, plan)
+
+  def piece(dkernel, x_and_dy):
+    x, dy = x_and_dy
+    dx, dk = _grads(x, kernel, dy, stride, plan)
+    return dkernel + dk, dx
+
+  pieces = (_split_batch(x, plan.batch_chunks), _split_batch(dy, plan.batch_chunks))
+  dkernel, dx = jax.lax.scan(piece, jnp.zeros_like(kernel), pieces)
+  return _merge_batch(dx), dkernel
 
 
 _conv_planned.defvjp(_conv_planned_fwd, _conv_planned_bwd)
@@ -227,6 +256,13 @@ _conv_planned.defvjp(_conv_planned_fwd, _conv_planned_bwd)
 
 def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: Plan) -> jax.Array:
   """VALID convolution of (already padded) `x` lowered as `plan` says."""
+  plan = Plan(*plan)
+  if plan.batch_chunks > 1:
+    batch = x.shape[0]
+    padded = -(-batch // plan.batch_chunks) * plan.batch_chunks
+    if padded != batch:  # Zero images: they add nothing to the kernel gradient.
+      x = jnp.pad(x, ((0, padded - batch), (0, 0), (0, 0), (0, 0)))
+    return _conv_planned(x, kernel, stride, plan)[:batch]
   if plan.forward == plan.input_grad == plan.kernel_grad:
     return lowering(plan.forward)(x, kernel, stride)  # Autodiff shares work with the forward.
   return _conv_planned(x, kernel, stride, plan)
@@ -235,6 +271,30 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: P
 def _band_block(out_w: int, kw: int) -> int:
   """The largest divisor of `out_w` that is at most kw + 2 (see `choose_plan`)."""
   return max(n for n in range(1, min(out_w, kw + 2) + 1) if out_w % n == 0)
+
+
+def _floats_per_image(name: str, x_shape, kernel_shape, stride) -> int:
+  """Size of the largest array a lowering makes per image: its rows or patches, or y."""
+  kh, kw, cin, cout = kernel_shape
+  out_h = conv_output_size(x_shape[1], kh, stride[0])
+  out_w = conv_output_size(x_shape[2], kw, stride[1])
+  if name.startswith("band"):
+    block = min(int(name[4:] or out_w), out_w)
+    width = stride[1] * (block - 1) + kw
+    return max(out_h * -(-out_w // block) * kh * width * cin, out_h * out_w * cout)
+  if name == "patches":
+    return out_h * out_w * max(kh * kw * cin, cout)
+  return out_h * out_w * cout
+
+
+CHUNK_BYTES = 4 << 20
+
+
+def _batch_chunks(batch: int, bytes_per_image: int) -> int:
+  """Pieces to cut the batch into so one piece's rows take at most CHUNK_BYTES; a
+  divisor of the batch if one is near (else the batch is padded with zero images)."""
+  pieces = max(1, -(-batch * bytes_per_image // CHUNK_BYTES))
+  return next((n for n in range(pieces, 2 * pieces + 1) if batch % n == 0), pieces)
 
 
 def choose_plan(x_shape, kernel_shape, stride) -> Plan:
@@ -271,7 +331,10 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
   kh, kw, cin, _ = kernel_shape
   out_w = conv_output_size(x_shape[2], kw, stride[1])
   band = f"band{_band_block(out_w, kw)}"
-  return Plan("xla" if cin >= 8 else band, band, band)
+  lowerings = ("xla" if cin >= 8 else band, band, band)
+  bytes_per_image = 4 * max(_floats_per_image(name, x_shape, kernel_shape, stride)
+                            for name in lowerings)
+  return Plan(*lowerings, _batch_chunks(x_shape[0], bytes_per_image))
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
