@@ -14,9 +14,10 @@ whose autodiff gives its gradients:
   "xla"      XLA's own convolution.
   "patches"  one matrix product over gathered kh*kw patches (im2col).
 
-The forward, the input gradient and the kernel gradient may each use a different form
-(`Plan`, through `jax.custom_vjp`); `choose_plan` picks them from the shapes. See its
-docstring for the measurements behind the choice.
+The forward, the input gradient and the kernel gradient may each use a different form,
+and a large batch is computed in pieces one after another (`Plan`, through
+`jax.custom_vjp`); `choose_plan` picks them from the shapes. Its docstring and
+`_batch_chunks`' give the measurements behind the choice.
 """
 import functools
 from typing import NamedTuple, Sequence
@@ -108,9 +109,10 @@ def _out_size(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> tuple
 def conv_shift(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
   """VALID convolution of padded `x` as a sum of kh*kw*cin shifted views times taps.
 
-  Elementwise, so XLA fuses it into one loop with no patches in memory: the fastest
-  forward when cin is 1 (C1 of LeNet-5, batch 512: 2.4 ms, against 42 ms for XLA's
-  convolution). Its autodiff kernel gradient is slow (kh*kw*cin separate reductions).
+  Elementwise, so XLA fuses it into one loop with no patches in memory: alone, the
+  fastest forward when cin is 1. But whatever XLA fuses into that loop can stop its
+  vectorization (a tanh does, beyond ~9 terms; see `choose_plan`), and its autodiff
+  kernel gradient is slow (kh*kw*cin separate reductions).
   """
   kh, kw, cin, _ = kernel.shape
   y = 0
@@ -136,11 +138,6 @@ def band_matrix(kernel: jax.Array, width: int, out_w: int, stride: int) -> jax.A
   band = jnp.einsum("ijco,jvw->ivcwo", kernel,
                     _band_selector(kw, width, out_w, stride, kernel.dtype))
   return band.reshape(kh * width * cin, out_w * cout)
-
-
-def _band_rows(x: jax.Array, kh: int, stride: int, out_h: int) -> jax.Array:
-  """[b, out_h, kh, width, c]: for each output row, the kh input rows it reads."""
-  return jnp.stack([x[:, i:i + stride * (out_h - 1) + 1:stride] for i in range(kh)], axis=2)
 
 
 def conv_band(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
@@ -287,12 +284,23 @@ def _floats_per_image(name: str, x_shape, kernel_shape, stride) -> int:
   return out_h * out_w * cout
 
 
+# At most this many bytes of rows (or patches, or output) per piece of the batch.
 CHUNK_BYTES = 4 << 20
 
 
 def _batch_chunks(batch: int, bytes_per_image: int) -> int:
   """Pieces to cut the batch into so one piece's rows take at most CHUNK_BYTES; a
-  divisor of the batch if one is near (else the batch is padded with zero images)."""
+  divisor of the batch if one is near (else the batch is padded with zero images).
+
+  The pieces run one after another (`jax.lax.map` forward, `jax.lax.scan` backward),
+  so only one piece's rows are in memory. This matters twice on a CPU: the rows stay
+  in cache, and XLA's scratch buffer for the whole step stays small. LeNet-5 at batch
+  512 in one piece needs 48 MiB of scratch, which glibc maps afresh for every step
+  (above its 32 MiB mmap threshold): 12,366 page faults, ~24 ms of kernel time per
+  step. In pieces of 128: 29 MiB, no page faults, 11.5k -> 17.7k images/s (same
+  sitting). At batch 128 LeNet-5 stays in one piece (pieces of 64: 17.2k -> 15.9k);
+  SmallCNN's conv2 goes in two (32.2 -> 29.7 MiB of scratch, 3.95k -> 5.76k images/s).
+  """
   pieces = max(1, -(-batch * bytes_per_image // CHUNK_BYTES))
   return next((n for n in range(pieces, 2 * pieces + 1) if batch % n == 0), pieces)
 
@@ -300,38 +308,45 @@ def _batch_chunks(batch: int, bytes_per_image: int) -> int:
 def choose_plan(x_shape, kernel_shape, stride) -> Plan:
   """The lowering of the forward, input gradient and kernel gradient, by shape.
 
-  Measured on a 2-core AMD EPYC (Zen 4) with XLA's CPU backend (JAX 0.10.2), each part
-  of each layer of LeNet-5 and SmallCNN timed alone (benchmarks/conv_lowering.py,
-  fastest of 9 alternating rounds, batch 512, ms), then whole train steps:
+  Measured on the project's 2-core AMD EPYC (Zen 4) with XLA's CPU backend (JAX
+  0.10.2): each part of each convolution of LeNet-5 and SmallCNN alone, batch 128
+  (the piece size at batch 512), ms, fastest of 9 alternating rounds
+  (benchmarks/conv_lowering.py), then whole train steps (benchmarks/README.md):
 
-    layer (cin->cout, padded in)   part     band<n>  band   xla   patches  shift
-    LeNet C1 (1->6, 32x32, 5x5)    forward    16.0   17.1   48.4    87.1   42.4
-                                   kernel      8.6   14.9   86.6   107.7  118.2
-    LeNet C3 (6->16, 14x14, 5x5)   forward    15.2    8.3    9.1    56.4   21.5
-                                   input      10.6   14.5   40.1    43.9  166.3
-                                   kernel     14.6   15.6   22.6    68.9   77.7
-    SmallCNN conv2 (10->16, 18x18) forward    85.3   68.2   22.9   227.8      -
-                                   input     109.2   60.4   61.8   176.1      -
-                                   kernel     99.4   77.8  279.8   365.9      -
+    layer (cin->cout, padded input)  part     band<n>  band  band1   xla  patches  shift
+    LeNet C1 (1->6, 32x32, 5x5)      forward  1.39 (7) 1.83  2.75   4.51   5.15    5.15
+                                     kernel   0.77     1.54  2.44   6.32   6.24    7.76
+    LeNet C3 (6->16, 14x14, 5x5)     forward  1.34 (5) 1.39  1.17   1.19   2.01    2.53
+                                     input    1.33     1.39  2.97   4.02   2.34   17.3
+                                     kernel   0.97     1.28  1.33   1.44   1.90    7.33
+    SmallCNN conv2 (10->16, 18x18)   forward  2.78 (7) 4.82  5.51   2.21  18.1       -
+                                     input    3.48     4.22 24.8    5.69   8.22      -
+                                     kernel   3.36     4.67  9.54   8.44  23.6       -
+    SmallCNN conv3 (16->64, 9x9, 3x3) forward    -     2.13  0.89   1.42   0.87    3.25
+                                     input       -     2.21  0.99   1.64   0.84   11.7
+                                     kernel      -     2.12  1.12   1.64   1.46    7.09
 
-  (band<n>: blocks of 7 columns for C1 and conv2, 5 for C3.) So:
-  - Gradients, and the forward when cin < 8: "band" in blocks of the largest divisor
-    of the output width up to kw + 2 columns. The blocks keep the band's zero
-    multiplies to at most (2 kw + 1) / kw times the useful ones; over whole LeNet-5
-    steps, blocks of 7 for C1 beat the full band by ~25% at batch 128 and ~10% at 512.
-  - The forward when cin >= 8: XLA's convolution (3x faster than the band on conv2).
-  - "patches" is slow whenever cin is small: gathering a few floats per tap along the
-    minor axis is a scalar copy. "shift" is the fastest forward alone for cin = 1
-    (C1, 2.4 ms at batch 512) but once XLA fuses the model's tanh into its 25-term
-    loop the loop is no longer vectorized (17 ms at batch 128, against 0.9 ms
-    without the tanh; the threshold is between 9 and 16 terms), so it is not chosen.
-  When all three parts use one lowering, plain autodiff is used (no custom VJP), so
-  the kernel gradient reuses the forward's rows.
+  So:
+  - "band" in blocks of the largest divisor of the output width up to kw + 2 columns
+    (7, 5, 7 and 1 above): each block reads at most 2 kw + 1 input columns, so the
+    band's zero multiplies stay below (2 kw + 1) / kw times the useful ones, while
+    the products stay wide enough (smaller blocks, e.g. 2 for conv2, are ~2x slower).
+  - For the forward, XLA's convolution instead when cin >= 8 and the blocks are wider
+    than one column (conv2): there it beats the band; with 1-column blocks (conv3,
+    plain im2col without the band's zeros) it does not.
+  - "patches" (one concatenation along the channel axis) is slow whenever cin is
+    small: a few floats per tap is a scalar copy. "shift" is the fastest C1 forward
+    alone (0.9 ms without the tanh) but with the model's tanh fused into its 25-term
+    loop XLA no longer vectorizes the loop (5.2 ms here; 9 terms still vectorize).
+  When all three parts use one lowering and the batch is one piece, plain autodiff is
+  used (no custom VJP), so the kernel gradient reuses the forward's rows. The batch is
+  cut into pieces by `_batch_chunks`.
   """
   kh, kw, cin, _ = kernel_shape
   out_w = conv_output_size(x_shape[2], kw, stride[1])
-  band = f"band{_band_block(out_w, kw)}"
-  lowerings = ("xla" if cin >= 8 else band, band, band)
+  block = _band_block(out_w, kw)
+  band = f"band{block}"
+  lowerings = ("xla" if cin >= 8 and block > 1 else band, band, band)
   bytes_per_image = 4 * max(_floats_per_image(name, x_shape, kernel_shape, stride)
                             for name in lowerings)
   return Plan(*lowerings, _batch_chunks(x_shape[0], bytes_per_image))
