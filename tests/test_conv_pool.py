@@ -234,3 +234,24 @@ def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape):
   assert x_shape[0] < 512 or plan.batch_chunks > 1
   _assert_same_values_and_gradients(
       lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1), tol=2e-3)
+
+
+@pytest.mark.parametrize("plan", [("band", "band", "band"), ("xla", "band2", "band"),
+                                  ("band2", "band2", "band2", 2), ("band", "band", "band", 3)])
+def test_bias_gradient_in_every_path(plan):
+  """The bias is added inside the custom VJP (and its gradient summed piece by piece)."""
+  x = jnp.asarray(RNG.normal(size=(6, 8, 9, 3)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 4)), jnp.float32)
+  bias = jnp.asarray(RNG.normal(size=(4,)), jnp.float32)
+  plan = mnn.conv.Plan(*plan)
+
+  def ours(x, k, b):
+    return mnn.conv.conv_valid(x, k, (1, 1), plan, b)
+
+  def reference(x, k, b):
+    return _lax_conv(x, k, (1, 1)) + b
+
+  cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel, bias).shape), jnp.float32)
+  for got, want in zip(jax.vjp(ours, x, kernel, bias)[1](cotangent),
+                       jax.vjp(reference, x, kernel, bias)[1](cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

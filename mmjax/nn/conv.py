@@ -219,50 +219,54 @@ def _grads(x, kernel, dy, stride, plan):
   return input_vjp(dy)[0], kernel_vjp(dy)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_planned(x, kernel, stride, plan):
-  """The forward lowering, over the batch in `plan.batch_chunks` pieces one after another."""
-  forward = functools.partial(lowering(plan.forward), kernel=kernel, stride=stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_planned(x, kernel, bias, stride, plan):
+  """The forward lowering plus bias, over the batch in `plan.batch_chunks` pieces one
+  after another."""
+  def forward(x):
+    return lowering(plan.forward)(x, kernel, stride) + bias
   if plan.batch_chunks == 1:
     return forward(x)
   return _merge_batch(jax.lax.map(forward, _split_batch(x, plan.batch_chunks)))
 
 
-def _conv_planned_fwd(x, kernel, stride, plan):
-  return _conv_planned(x, kernel, stride, plan), (x, kernel)
+def _conv_planned_fwd(x, kernel, bias, stride, plan):
+  return _conv_planned(x, kernel, bias, stride, plan), (x, kernel)
 
 
 def _conv_planned_bwd(stride, plan, residuals, dy):
-  """Both gradients, piece by piece: one piece's rows or patches in memory at a time."""
+  """All gradients, piece by piece: one piece's rows or patches in memory at a time."""
   x, kernel = residuals
   if plan.batch_chunks == 1:
-    return _grads(x, kernel, dy, stride, plan)
+    return (*_grads(x, kernel, dy, stride, plan), dy.sum((0, 1, 2)))
 
-  def piece(dkernel, x_and_dy):
+  def piece(sums, x_and_dy):
     x, dy = x_and_dy
     dx, dk = _grads(x, kernel, dy, stride, plan)
-    return dkernel + dk, dx
+    return (sums[0] + dk, sums[1] + dy.sum((0, 1, 2))), dx
 
   pieces = (_split_batch(x, plan.batch_chunks), _split_batch(dy, plan.batch_chunks))
-  dkernel, dx = jax.lax.scan(piece, jnp.zeros_like(kernel), pieces)
-  return _merge_batch(dx), dkernel
+  zeros = (jnp.zeros_like(kernel), jnp.zeros(dy.shape[-1], dy.dtype))
+  (dkernel, dbias), dx = jax.lax.scan(piece, zeros, pieces)
+  return _merge_batch(dx), dkernel, dbias
 
 
 _conv_planned.defvjp(_conv_planned_fwd, _conv_planned_bwd)
 
 
-def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: Plan) -> jax.Array:
-  """VALID convolution of (already padded) `x` lowered as `plan` says."""
+def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: Plan,
+               bias: jax.Array | None = None) -> jax.Array:
+  """VALID convolution of (already padded) `x` plus `bias`, lowered as `plan` says."""
   plan = Plan(*plan)
-  if plan.batch_chunks > 1:
-    batch = x.shape[0]
-    padded = -(-batch // plan.batch_chunks) * plan.batch_chunks
-    if padded != batch:  # Zero images: they add nothing to the kernel gradient.
-      x = jnp.pad(x, ((0, padded - batch), (0, 0), (0, 0), (0, 0)))
-    return _conv_planned(x, kernel, stride, plan)[:batch]
-  if plan.forward == plan.input_grad == plan.kernel_grad:
-    return lowering(plan.forward)(x, kernel, stride)  # Autodiff shares work with the forward.
-  return _conv_planned(x, kernel, stride, plan)
+  if plan.batch_chunks == 1 and plan.forward == plan.input_grad == plan.kernel_grad:
+    y = lowering(plan.forward)(x, kernel, stride)  # Autodiff shares work with the forward.
+    return y if bias is None else y + bias
+  bias = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
+  batch = x.shape[0]
+  padded = -(-batch // plan.batch_chunks) * plan.batch_chunks
+  if padded != batch:  # Zero images: they add nothing to the kernel gradient.
+    x = jnp.pad(x, ((0, padded - batch), (0, 0), (0, 0), (0, 0)))
+  return _conv_planned(x, kernel, bias, stride, plan)[:batch]
 
 
 def _band_block(out_w: int, kw: int) -> int:
@@ -383,8 +387,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
     raise ValueError(f"Window {(kh, kw)} is larger than the padded input {x.shape[1:3]}.")
   # Rows and columns past the last window (strides, SAME padding) are never read.
   x = x[:, :stride[0] * (out_h - 1) + kh, :stride[1] * (out_w - 1) + kw]
-  y = conv_valid(x, kernel, stride, choose_plan(x.shape, kernel.shape, stride))
-  return y if bias is None else y + bias
+  return conv_valid(x, kernel, stride, choose_plan(x.shape, kernel.shape, stride), bias)
 
 
 class Conv2D(nn.Module):
