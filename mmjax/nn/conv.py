@@ -214,6 +214,7 @@ def _merge_batch(a: jax.Array) -> jax.Array:
 
 def _grads(x, kernel, dy, stride, plan):
   """(dx, dkernel): each the VJP of its own lowering; all compute the same linear map."""
+  dy = dy.astype(jnp.result_type(x, kernel))  # The bias may have widened y.
   _, input_vjp = jax.vjp(lambda x: lowering(plan.input_grad)(x, kernel, stride), x)
   _, kernel_vjp = jax.vjp(lambda k: lowering(plan.kernel_grad)(x, k, stride), kernel)
   return input_vjp(dy)[0], kernel_vjp(dy)[0]
@@ -231,23 +232,23 @@ def _conv_planned(x, kernel, bias, stride, plan):
 
 
 def _conv_planned_fwd(x, kernel, bias, stride, plan):
-  return _conv_planned(x, kernel, bias, stride, plan), (x, kernel)
+  return _conv_planned(x, kernel, bias, stride, plan), (x, kernel, jnp.zeros_like(bias))
 
 
 def _conv_planned_bwd(stride, plan, residuals, dy):
   """All gradients, piece by piece: one piece's rows or patches in memory at a time."""
-  x, kernel = residuals
+  x, kernel, zero_bias = residuals
   if plan.batch_chunks == 1:
-    return (*_grads(x, kernel, dy, stride, plan), dy.sum((0, 1, 2)))
+    dx, dkernel = _grads(x, kernel, dy, stride, plan)
+    return dx, dkernel, dy.sum((0, 1, 2)).astype(zero_bias.dtype)
 
   def piece(sums, x_and_dy):
     x, dy = x_and_dy
     dx, dk = _grads(x, kernel, dy, stride, plan)
-    return (sums[0] + dk, sums[1] + dy.sum((0, 1, 2))), dx
+    return (sums[0] + dk, sums[1] + dy.sum((0, 1, 2)).astype(zero_bias.dtype)), dx
 
   pieces = (_split_batch(x, plan.batch_chunks), _split_batch(dy, plan.batch_chunks))
-  zeros = (jnp.zeros_like(kernel), jnp.zeros(dy.shape[-1], dy.dtype))
-  (dkernel, dbias), dx = jax.lax.scan(piece, zeros, pieces)
+  (dkernel, dbias), dx = jax.lax.scan(piece, (jnp.zeros_like(kernel), zero_bias), pieces)
   return _merge_batch(dx), dkernel, dbias
 
 
@@ -261,7 +262,8 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: P
   if plan.batch_chunks == 1 and plan.forward == plan.input_grad == plan.kernel_grad:
     y = lowering(plan.forward)(x, kernel, stride)  # Autodiff shares work with the forward.
     return y if bias is None else y + bias
-  bias = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1], jnp.result_type(x, kernel))
   batch = x.shape[0]
   padded = -(-batch // plan.batch_chunks) * plan.batch_chunks
   if padded != batch:  # Zero images: they add nothing to the kernel gradient.
