@@ -223,17 +223,22 @@ def test_batch_pieces_that_do_not_divide_the_batch():
       lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1))
 
 
-@pytest.mark.parametrize("x_shape, kernel_shape", [((512, 32, 32, 1), (5, 5, 1, 6)),
-                                                   ((128, 18, 18, 10), (5, 5, 10, 16)),
-                                                   ((7, 9, 9, 16), (3, 3, 16, 64))])
-def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape):
-  """Whatever `choose_plan` picks for LeNet-5 / SmallCNN layers (batch in pieces too)."""
+@pytest.mark.parametrize("x_shape, kernel_shape, stride", [
+    ((512, 32, 32, 1), (5, 5, 1, 6), (1, 1)),     # LeNet C1 at batch 512: 4 pieces.
+    ((128, 18, 18, 10), (5, 5, 10, 16), (1, 1)),  # SmallCNN conv2: XLA forward, 2 pieces.
+    ((7, 9, 9, 16), (3, 3, 16, 64), (1, 1)),      # SmallCNN conv3: band1 (im2col).
+    ((5, 9, 9, 16), (1, 1, 16, 8), (1, 1)),       # 1x1.
+    ((6, 33, 33, 4), (3, 3, 4, 8), (2, 2)),       # Strided.
+    ((1, 130, 130, 16), (3, 3, 16, 16), (1, 1)),  # One image's rows too big: XLA.
+])
+def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape, stride):
+  """Whatever `choose_plan` picks (batch in pieces too)."""
   x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
   kernel = jnp.asarray(RNG.normal(size=kernel_shape), jnp.float32)
-  plan = mnn.conv.choose_plan(x.shape, kernel.shape, (1, 1))
+  plan = mnn.conv.choose_plan(x.shape, kernel.shape, stride)
   assert x_shape[0] < 512 or plan.batch_chunks > 1
   _assert_same_values_and_gradients(
-      lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1), tol=2e-3)
+      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride, tol=2e-3)
 
 
 @pytest.mark.parametrize("plan", [("band", "band", "band"), ("xla", "band2", "band"),

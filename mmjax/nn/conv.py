@@ -271,9 +271,14 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: P
   return _conv_planned(x, kernel, bias, stride, plan)[:batch]
 
 
-def _band_block(out_w: int, kw: int) -> int:
-  """The largest divisor of `out_w` that is at most kw + 2 (see `choose_plan`)."""
-  return max(n for n in range(1, min(out_w, kw + 2) + 1) if out_w % n == 0)
+def _band_block(out_w: int, kw: int, stride: int) -> int:
+  """Output columns per band block: the largest divisor of `out_w` whose block reads at
+  most 2 kw + 1 input columns (kw + 2 outputs at stride 1). 1 for 1-wide kernels,
+  where neighbouring outputs share no input and any wider block only adds zeros."""
+  if kw == 1:
+    return 1
+  return max(n for n in range(1, out_w + 1)
+             if out_w % n == 0 and stride * (n - 1) + kw <= 2 * kw + 1)
 
 
 def _floats_per_image(name: str, x_shape, kernel_shape, stride) -> int:
@@ -334,9 +339,9 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
 
   So:
   - "band" in blocks of the largest divisor of the output width up to kw + 2 columns
-    (7, 5, 7 and 1 above): each block reads at most 2 kw + 1 input columns, so the
-    band's zero multiplies stay below (2 kw + 1) / kw times the useful ones, while
-    the products stay wide enough (smaller blocks, e.g. 2 for conv2, are ~2x slower).
+    (7, 5, 7 and 1 above; `_band_block`): each block reads at most 2 kw + 1 input
+    columns, so the band's zero multiplies stay below (2 kw + 1) / kw times the useful
+    ones, while the products stay wide enough (blocks of 2 for conv2 are ~2x slower).
   - For the forward, XLA's convolution instead when cin >= 8 and the blocks are wider
     than one column (conv2): there it beats the band; with 1-column blocks (conv3,
     plain im2col without the band's zeros) it does not.
@@ -350,11 +355,13 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
   """
   kh, kw, cin, _ = kernel_shape
   out_w = conv_output_size(x_shape[2], kw, stride[1])
-  block = _band_block(out_w, kw)
+  block = _band_block(out_w, kw, stride[1])
   band = f"band{block}"
   lowerings = ("xla" if cin >= 8 and block > 1 else band, band, band)
   bytes_per_image = 4 * max(_floats_per_image(name, x_shape, kernel_shape, stride)
                             for name in lowerings)
+  if bytes_per_image > CHUNK_BYTES:  # Large images (not measured here): rows of even
+    return Plan("xla", "xla", "xla")  # one image would not fit; XLA makes none.
   return Plan(*lowerings, _batch_chunks(x_shape[0], bytes_per_image))
 
 
