@@ -16,8 +16,8 @@ whose autodiff gives its gradients:
 
 The forward, the input gradient and the kernel gradient may each use a different form,
 and a large batch is computed in pieces one after another (`Plan`, through
-`jax.custom_vjp`); `choose_plan` picks them from the shapes. Its docstring and
-`_batch_chunks`' give the measurements behind the choice.
+`jax.custom_vjp`); `choose_plan` picks them from the shapes. The docstrings of
+`choose_plan` and `_batch_chunks` give the measurements behind the choices.
 """
 import functools
 from typing import NamedTuple, Sequence
