@@ -272,13 +272,12 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: P
 
 
 def _band_block(out_w: int, kw: int, stride: int) -> int:
-  """Output columns per band block: the largest divisor of `out_w` whose block reads at
-  most 2 kw + 1 input columns (kw + 2 outputs at stride 1). 1 for 1-wide kernels,
-  where neighbouring outputs share no input and any wider block only adds zeros."""
-  if kw == 1:
-    return 1
-  return max(n for n in range(1, out_w + 1)
-             if out_w % n == 0 and stride * (n - 1) + kw <= 2 * kw + 1)
+  """Output columns per band block: the divisor of `out_w` nearest to (kw - 1) / stride
+  + 1 (kw at stride 1; the smaller on a tie), so a block reads about 2 kw - 1 input
+  columns. 1 for 1-wide kernels, whose neighbouring outputs share no input."""
+  target = (kw - 1) / stride + 1
+  return min((n for n in range(1, out_w + 1) if out_w % n == 0),
+             key=lambda n: (abs(n - target), n))
 
 
 def _floats_per_image(name: str, x_shape, kernel_shape, stride) -> int:
@@ -325,8 +324,8 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
   (benchmarks/conv_lowering.py), then whole train steps (benchmarks/README.md):
 
     layer (cin->cout, padded input)  part     band<n>  band  band1   xla  patches  shift
-    LeNet C1 (1->6, 32x32, 5x5)      forward  1.39 (7) 1.83  2.75   4.51   5.15    5.15
-                                     kernel   0.77     1.54  2.44   6.32   6.24    7.76
+    LeNet C1 (1->6, 32x32, 5x5)      forward  1.05 (4) 1.83  2.75   4.51   5.15    5.15
+                                     kernel   0.81     1.54  2.44   6.32   6.24    7.76
     LeNet C3 (6->16, 14x14, 5x5)     forward  1.34 (5) 1.39  1.17   1.19   2.01    2.53
                                      input    1.33     1.39  2.97   4.02   2.34   17.3
                                      kernel   0.97     1.28  1.33   1.44   1.90    7.33
@@ -338,10 +337,12 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
                                      kernel      -     2.12  1.12   1.64   1.46    7.09
 
   So:
-  - "band" in blocks of the largest divisor of the output width up to kw + 2 columns
-    (7, 5, 7 and 1 above; `_band_block`): each block reads at most 2 kw + 1 input
-    columns, so the band's zero multiplies stay below (2 kw + 1) / kw times the useful
-    ones, while the products stay wide enough (blocks of 2 for conv2 are ~2x slower).
+  - "band" in blocks of the divisor of the output width nearest to kw (4, 5, 7 and 1
+    above; `_band_block`): a block reads about 2 kw - 1 input columns, so the band's
+    zero multiplies stay near (2 kw - 1) / kw times the useful ones, while the products
+    stay wide enough. Blocks of 7 for C1 (1.39 / 0.77 ms) are a little slower (whole
+    LeNet-5 steps: -6% at batch 128, -4% at 512); of 2 for conv2 ~2x slower (4.50 /
+    7.17 / 6.84 ms); the full band ("band") wastes more.
   - For the forward, XLA's convolution instead when cin >= 8 and the blocks are wider
     than one column (conv2): there it beats the band; with 1-column blocks (conv3,
     plain im2col without the band's zeros) it does not.
