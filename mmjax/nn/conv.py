@@ -305,10 +305,10 @@ def _batch_chunks(batch: int, bytes_per_image: int) -> int:
   The pieces run one after another (`jax.lax.map` forward, `jax.lax.scan` backward),
   so only one piece's rows are in memory. This matters twice on a CPU: the rows stay
   in cache, and XLA's scratch buffer for the whole step stays small. LeNet-5 at batch
-  512 in one piece needs 48 MiB of scratch, which glibc maps afresh for every step
-  (above its 32 MiB mmap threshold): 12,366 page faults, ~24 ms of kernel time per
-  step. In pieces of 128: 29 MiB, no page faults, 11.5k -> 17.7k images/s (same
-  sitting). At batch 128 LeNet-5 stays in one piece (pieces of 64: 17.2k -> 15.9k);
+  512 in one piece needs 52 MiB of scratch, which glibc maps afresh for every step
+  (above its 32 MiB mmap threshold): 13,206 page faults and ~24 ms of kernel time per
+  step. In pieces of 128: 29 MiB, no page faults, 11.2k -> 17.9k images/s (same
+  sitting). At batch 128 LeNet-5 stays in one piece (pieces of 64: 16.6k -> 15.6k);
   SmallCNN's conv2 goes in two (32.2 -> 29.7 MiB of scratch, 3.95k -> 5.76k images/s).
   """
   pieces = max(1, -(-batch * bytes_per_image // CHUNK_BYTES))
