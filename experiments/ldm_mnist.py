@@ -18,7 +18,8 @@ trained with the U-Net. `smoke` runs each stage in seconds on 8 fake devices.
 Expected results (2-core CPU, both stages together under 45 minutes): eval/recon_mse of
 the autoencoder around 0.01 on the test split; eval/sample_accuracy >= 0.95 at the best
 guidance scale (eval/best_guidance), with eval/fld/guidance_{0,1,2,4} next to
-eval/fld_reference (2,000... real train vs test images, the floor at this sample size).
+eval/fld_reference (as many real training images as samples, against the test split:
+the floor at this sample size).
 Sample grids: <workdir>/images/samples_guidance_*_<step>.png, one row per digit.
 The README's results table has the measured figures.
 """

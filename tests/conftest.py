@@ -21,3 +21,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# Test files whose runs take longest start first, so that with `pytest -n 2 --dist
+# loadfile` (the README's command) no long file is left running alone at the end.
+SLOW_FILES = ("test_ldm.py", "test_launch.py", "test_vqa_tasks.py", "test_clip_task.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))

@@ -1,5 +1,6 @@
 """Latent diffusion experiment: Fréchet distance, grids, caption dropout, both stages end to end."""
 import math
+import subprocess
 
 import numpy as np
 import PIL.Image
@@ -57,8 +58,13 @@ def test_diffusion_stage_without_an_autoencoder_fails_with_the_command(tmp_path)
 def test_both_stages_smoke_run(tmp_path):
   """LeNet judge, autoencoder, then diffusion reading both: 8 fake devices each."""
   judge, ae, ldm = tmp_path / "judge", tmp_path / "ae", tmp_path / "ldm"
-  lh.run("experiments/mnist_lenet.py:smoke", judge, devices=8)
+  # The judge trains side by side with the autoencoder (start-up is mostly one thread).
+  judging = subprocess.Popen(lh.launch_cmd("experiments/mnist_lenet.py:smoke", judge),
+                             cwd=lh.REPO, env=lh.env_with_devices(8),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lh.run("experiments/ldm_mnist.py:smoke,stage=autoencoder", ae, devices=8)
+  _, err = judging.communicate(timeout=300)
+  assert judging.returncode == 0, err[-6000:]
   rows = lh.metrics(ae)
   assert rows[-1]["train/recon_mse"] < rows[0]["train/recon_mse"]
   assert 0.0 < rows[-1]["eval/recon_mse"] < 0.5
