@@ -37,9 +37,9 @@ def get_config(arg=None):
     # CLIP's ViT was trained on single 28x28 images: encode each cell on its own.
     c.model.vision_variant = "mu/4"
     c.model.image_split = 2
-  long_names = arg.dataset == "fashion_mnist"
-  c.max_question_len = 48 if long_names else 40  # BOS + the longest question's bytes.
-  c.max_answer_len = 12 if long_names else 8  # The answer's bytes + EOS.
+  c.max_question_len = 48  # BOS + the longest question's bytes (44), rounded up.
+  c.max_answer_len = 12 if arg.dataset == "fashion_mnist" else 8  # The answer's bytes + EOS.
+  c.kind_weights = (2.0, 1.0, 1.0)  # Training mix of cell, count and presence questions.
   c.num_eval_grids = 1500  # 500 questions of each kind.
 
   c.global_batch_size = 128

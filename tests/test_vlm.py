@@ -71,7 +71,10 @@ def test_logits_are_causal_and_left_padding_does_not_shift_positions():
     np.testing.assert_allclose(padded[row, 5:][real], logits[row][real], atol=1e-4)
 
 
-@pytest.mark.parametrize("vision", [{}, dict(vision_variant="mu/4", image_split=2)])
+SPLIT = dict(vision_variant="mu/4", image_split=2, num_latents=2)
+
+
+@pytest.mark.parametrize("vision", [{}, SPLIT])
 def test_cached_greedy_decoding_equals_uncached(vision):
   model, params = _tiny(**vision)
   questions = ["what is in the top left?", "is there an eight?", "count the ones.",
@@ -83,6 +86,18 @@ def test_cached_greedy_decoding_equals_uncached(vision):
   assert cached.shape == (4, 10)
   np.testing.assert_array_equal(cached, uncached)
   assert len(set(map(tuple, cached))) > 1  # Not a degenerate constant.
+
+
+def test_split_image_tokens_are_per_sub_image_in_reading_order():
+  model, params = _tiny(**SPLIT)
+  images = _images(1)
+  changed = images.at[:, 28:, :28].set(-images[:, 28:, :28])  # The bottom-left cell only.
+  encode = jax.jit(functools.partial(model.apply, {"params": params},
+                                     method=model.encode_image))
+  a, b = np.asarray(encode(images)), np.asarray(encode(changed))
+  assert a.shape == (1, model.num_image_tokens, TINY["width"]) and model.num_image_tokens == 8
+  moved = np.abs(a - b).max(axis=(0, 2)) > 1e-6
+  np.testing.assert_array_equal(moved, [False] * 4 + [True] * 2 + [False] * 2)
 
 
 def test_generation_stops_at_eos_and_pads_after_it():
@@ -130,7 +145,7 @@ def test_clip_image_tower_loads_into_the_vision_encoder():
                      text_mlp_dim=32, max_text_len=8, embed_dim=16)
   clip_params = jax.jit(clip.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
                                    jnp.zeros((1, 8), jnp.int32))["params"]
-  model, params = _tiny(vision_variant="mu/4", image_split=2)
+  model, params = _tiny(**SPLIT)
   loaded = vlm.with_vision_params(params, clip_params["image_tower"])
   for a, b in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(clip_params["image_tower"])):
     np.testing.assert_array_equal(a, b)

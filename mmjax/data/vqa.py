@@ -27,23 +27,34 @@ CELLS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 KINDS = ("cell", "count", "presence")
 
-# Fields: {cell}, {name}, {a_name} ("a seven", "an eight"), {plural} ("sevens").
-TRAIN_TEMPLATES = {
-    "cell": ("what is in the {cell}?", "what is shown in the {cell}?",
-             "what do you see in the {cell}?", "name the thing in the {cell}.",
-             "which one is in the {cell}?"),
-    "count": ("how many {plural} are there?", "how many {plural} do you see?",
-              "count the {plural}.", "how many {plural} are in the picture?",
-              "number of {plural}?"),
-    "presence": ("is there {a_name}?", "is there {a_name} in the picture?",
-                 "do you see {a_name}?", "can you find {a_name}?",
-                 "does the picture show {a_name}?"),
+# A question is a core phrase, an optional suffix and "?". Training uses most
+# (core, suffix) pairs; evaluation the held-out pairs, one per core: every word of an
+# evaluation question is seen in training, never in that phrasing.
+# Core fields: {cell}, {name}, {a_name} ("a seven", "an eight"), {plural} ("sevens").
+CORES = {
+    "cell": ("what is in the {cell}", "what is shown in the {cell}",
+             "what do you see in the {cell}", "which one is in the {cell}",
+             "name the thing in the {cell}", "tell me what is in the {cell}"),
+    "count": ("how many {plural} are there", "how many {plural} do you see",
+              "count the {plural}", "how many {plural} are shown",
+              "what is the number of {plural}", "how many {plural} can you count"),
+    "presence": ("is there {a_name}", "do you see {a_name}", "can you find {a_name}",
+                 "does it show {a_name}", "do you spot {a_name}", "can you see {a_name}"),
 }
-EVAL_TEMPLATES = {
-    "cell": ("what can you see in the {cell}?", "tell me what is in the {cell}."),
-    "count": ("how many {plural} can you count?", "how many {plural} are shown?"),
-    "presence": ("is there {a_name} here?", "do you spot {a_name}?"),
-}
+SUFFIXES = ("", " here", " at all", " in view")
+
+
+def _templates(held_out: bool) -> dict[str, tuple[str, ...]]:
+  out = {}
+  for kind, cores in CORES.items():
+    out[kind] = tuple(core + suffix + "?" for i, core in enumerate(cores)
+                      for j, suffix in enumerate(SUFFIXES)
+                      if (j == (i + 1) % len(SUFFIXES)) == held_out)
+  return out
+
+
+TRAIN_TEMPLATES = _templates(held_out=False)  # 18 per kind.
+EVAL_TEMPLATES = _templates(held_out=True)  # 6 per kind, none of them seen in training.
 
 # Hash streams: independent draws from one (seed, key).
 _CELL_STREAMS = (0, 1, 2, 3)
@@ -159,8 +170,8 @@ class GridSource:
 
 
 def questions(labels: np.ndarray, keys: np.ndarray, seed: int, class_names: tuple[str, ...],
-              templates: dict[str, tuple[str, ...]],
-              kinds: np.ndarray | None = None) -> dict[str, object]:
+              templates: dict[str, tuple[str, ...]], kinds: np.ndarray | None = None,
+              kind_weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict[str, object]:
   """Questions about grids and their answers.
 
   Args:
@@ -169,7 +180,8 @@ def questions(labels: np.ndarray, keys: np.ndarray, seed: int, class_names: tupl
     seed: the run's seed.
     class_names: the dataset's class names, by id.
     templates: {kind: templates}, TRAIN_TEMPLATES or EVAL_TEMPLATES.
-    kinds: [b] ids into KINDS; default: drawn by hash.
+    kinds: [b] ids into KINDS; default: drawn by hash, in proportion to `kind_weights`.
+    kind_weights: relative frequencies of the kinds in KINDS' order.
 
   Returns:
     {"question": [b] str, "answer": [b] str, "kind": [b] int32 ids into KINDS}. Count
@@ -178,7 +190,9 @@ def questions(labels: np.ndarray, keys: np.ndarray, seed: int, class_names: tupl
   """
   labels, keys = np.asarray(labels), np.asarray(keys)
   if kinds is None:
-    kinds = draw(keys, len(KINDS), seed, _KIND)
+    edges = np.cumsum(kind_weights) / np.sum(kind_weights)
+    kinds = np.minimum(np.searchsorted(edges, uniform(keys, seed, _KIND), side="right"),
+                       len(KINDS) - 1)
   cell = draw(keys, GRID * GRID, seed, _WHICH_CELL)
   coin = draw(keys, 2, seed, _COIN)
   other = uniform(keys, seed, _CLASS)

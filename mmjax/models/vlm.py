@@ -9,8 +9,9 @@
       -> concatenated in front of the text's token embeddings, read by a causal
          Transformer decoder that predicts the next text token.
 
-With `image_split=2` the image is cut into 2x2 sub-images, each encoded by the ViT on
-its own (Idefics2's image splitting) and tagged with a learned sub-image embedding.
+With `image_split=2` the image is cut into 2x2 sub-images, each encoded by the ViT and
+pooled by the resampler on its own (Idefics2's image splitting): num_latents tokens per
+sub-image, in reading order, each sub-image's tagged with a learned embedding.
 
 Text is laid out as [PAD ... PAD BOS question][answer EOS PAD ...]: prompts are padded
 on the left so that every answer starts at the same index, which lets a whole batch be
@@ -133,8 +134,9 @@ class CausalBlock(nn.Module):
 class VisionLanguageModel(nn.Module):
   """images [b, H, W, C], tokens [b, T], valid [b, T] -> next-token logits [b, T, vocab].
 
-  The image becomes `num_latents` tokens in front of the text (see the module
-  docstring). `max_len` bounds num_latents + T.
+  The image becomes `num_image_tokens` tokens in front of the text (`num_latents`, or
+  `num_latents` per sub-image with `image_split`; see the module docstring). `max_len`
+  bounds num_image_tokens + T.
   """
   vision_variant: str = "mu/7"
   vision_pool: str = "tok"
@@ -165,15 +167,22 @@ class VisionLanguageModel(nn.Module):
     self.ln_final = nn.LayerNorm()
 
   def encode_image(self, images: jax.Array) -> jax.Array:
-    """[b, H, W, C] -> [b, num_latents, width]: the image's tokens for the LM."""
+    """[b, H, W, C] -> [b, num_image_tokens, width]: the image's tokens for the LM."""
     b = images.shape[0]
     if self.image_split > 1:
-      x = self.vision(split_image(images, self.image_split))  # [b·s², n, vw]
+      # Each sub-image is encoded and pooled on its own, as in Idefics2: its tokens stay
+      # together, in reading order, tagged with a learned sub-image embedding.
+      x = self.resampler(self.vision(split_image(images, self.image_split)))  # [b·s², L, vw]
       x = x.reshape(b, self.image_split ** 2, *x.shape[1:]) + self.subimage_embedding
       x = x.reshape(b, -1, x.shape[-1])
     else:
-      x = self.vision(images)
-    return self.projection(self.resampler(x))
+      x = self.resampler(self.vision(images))
+    return self.projection(x)
+
+  @property
+  def num_image_tokens(self) -> int:
+    """How many tokens `encode_image` puts in front of the text."""
+    return self.image_split ** 2 * self.num_latents
 
   def _run(self, x, positions, mask, caches=None, index=None):
     """x [b, c, width] at positions [b, c] -> (logits [b, c, vocab], per-layer {"k", "v"})."""
@@ -186,7 +195,7 @@ class VisionLanguageModel(nn.Module):
 
   def _check_len(self, n: int):
     if n > self.max_len:
-      raise ValueError(f"{self.num_latents} image tokens + text make {n} positions, more "
+      raise ValueError(f"{self.num_image_tokens} image tokens + text make {n} positions, more "
                        f"than max_len={self.max_len}.")
 
   def logits_from_prefix(self, prefix: jax.Array, tokens: jax.Array,

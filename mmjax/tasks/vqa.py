@@ -64,8 +64,9 @@ class VqaTask:
       raise ValueError(f"config.max_question_len={self.q_len} and max_answer_len={self.a_len}: "
                        f"{config.dataset.name} needs at least {need_q} and {need_a}.")
     model = config.model.to_dict()
+    image_tokens = model["num_latents"] * model.get("image_split", 1) ** 2
     self.model = vlm.VisionLanguageModel(
-        **model, max_len=model["num_latents"] + self.q_len + self.a_len)
+        **model, max_len=image_tokens + self.q_len + self.a_len)
     self.mean, self.std = NORMALISATION.get(config.dataset.name, (0.5, 0.5))
     self.train_source = pipeline.load_source(config.dataset, config.dataset.train_split)
     self.eval_source = vqa.GridSource(
@@ -77,7 +78,8 @@ class VqaTask:
 
   # Data.
   def _encode(self, images, labels, keys, templates, kinds=None):
-    qa = vqa.questions(labels, keys, self.config.seed, self.class_names, templates, kinds)
+    qa = vqa.questions(labels, keys, self.config.seed, self.class_names, templates, kinds,
+                       tuple(self.config.kind_weights))
     tokens = np.concatenate([vqa.encode_prompts(qa["question"], self.q_len),
                              vqa.encode_answers(qa["answer"], self.a_len)], axis=1)
     image = (images.astype(np.float32) / 255.0 - self.mean) / self.std
