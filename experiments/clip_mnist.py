@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.loss = arg.loss
 
   # The text tower only has to tell a few dozen captions apart: one layer is enough.
-  c.model = dict(image_variant="mu/4", image_pool="tok", text_width=64, text_depth=1,
+  c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
                  text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64)
   c.global_batch_size = 256
   c.eval_batch_size = 1024

@@ -1,15 +1,15 @@
 r"""Visual question answering on 2x2 grids of MNIST digits: an Idefics2-style model.
 
-A ViT encodes the 56x56 grid, a perceiver resampler pools it to a few tokens, an MLP
-projects them to the width of a small causal decoder that reads them before the
+A ViT encodes each 28x28 cell of the 56x56 grid, a perceiver resampler pools each
+cell to two tokens, an MLP projects them to the width of a small causal decoder that
+reads them before the
 question's bytes and writes the answer ("what is in the top left?" -> "seven", "how
 many sevens are there?" -> "two", "is there a seven?" -> "yes"). Only the answer's
 tokens are in the loss. Evaluation: greedy answers (key/value cache) to questions in
 phrasings held out from training, on `num_eval_grids` grids of the test split.
 
-The ViT starts at random, or from a CLIP run's image tower (`clip_workdir=...`: its
-ViT, "mu/4" on 28x28, then encodes each of the four cells on its own, Idefics2's image
-splitting).
+The ViT ("mu/4", mean-pooled, as in experiments/clip_mnist.py) starts at random, or
+from a CLIP run's image tower (`clip_workdir=...`).
 
 Commands:
   python launch.py --config=experiments/vqa_mnist.py --workdir=workdirs/vqa_mnist
@@ -29,14 +29,14 @@ def get_config(arg=None):
   c.task = "vqa"
   c.dataset.name = arg.dataset
 
-  c.model = dict(vision_variant="mu/7", vision_pool="tok", image_split=1, num_latents=16,
-                 resampler_depth=1, width=128, depth=2, num_heads=4, mlp_dim=512)
+  # Idefics2's image splitting: each 28x28 cell is encoded by the ViT and pooled to
+  # num_latents tokens on its own, so the decoder reads 4 x 2 image tokens in reading
+  # order. The ViT is the one of experiments/clip_mnist.py ("mu/4", mean-pooled), so that
+  # a CLIP run's image tower loads into it; random or loaded, the model is the same.
+  c.model = dict(vision_variant="mu/4", vision_pool="gap", image_split=2, num_latents=2,
+                 resampler_depth=1, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
   c.freeze_vision = False
-  if arg.clip_workdir:
-    # CLIP's ViT was trained on single 28x28 images: encode each cell on its own.
-    c.model.vision_variant = "mu/4"
-    c.model.image_split = 2
   c.max_question_len = 48  # BOS + the longest question's bytes (44), rounded up.
   c.max_answer_len = 12 if arg.dataset == "fashion_mnist" else 8  # The answer's bytes + EOS.
   c.kind_weights = (2.0, 1.0, 1.0)  # Training mix of cell, count and presence questions.
@@ -44,9 +44,9 @@ def get_config(arg=None):
 
   c.global_batch_size = 128
   c.eval_batch_size = 500
-  c.num_train_steps = 3000
+  c.num_train_steps = 2500
   c.log_every_steps = 100
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 1250
   c.checkpoint_every_steps = 500
   c.optimizer.name = "adamw"
   c.optimizer.learning_rate = 1e-3
@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.optimizer.grad_clip_norm = 1.0
 
   if arg.smoke:
-    c.model.update(num_latents=4, width=32, depth=1, mlp_dim=64)
+    c.model.update(num_latents=1, width=32, depth=1, mlp_dim=64)
     c.global_batch_size = 16
     c.num_train_steps = 10
     c.log_every_steps = 5

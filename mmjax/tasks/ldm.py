@@ -15,6 +15,7 @@ import functools
 import json
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -170,6 +171,8 @@ class LatentDiffusionTask:
     self.train_source = self._encode_split(config.dataset.train_split)
     self.latent_shape = self.train_source.arrays["mean"].shape[1:]
     self.latent_scale = self._latent_scale()
+    logging.info("Latents %s, scale factor %.4f (1 / std of the %d training latents).",
+                 self.latent_shape, self.latent_scale, len(self.train_source))
     self.eval_source = pipeline.load_source(config.dataset, config.dataset.eval_split)
     self.sampler = diffusion.make_sampler(
         lambda v, x, t, c: self.unet.apply(v, x, t, c), self.schedule, self.latent_shape,
