@@ -16,7 +16,7 @@ text tower of a CLIP run (experiments/clip_mnist.py) instead of a text Transform
 trained with the U-Net. `smoke` runs each stage in seconds on 8 fake devices.
 
 Expected results (2-core CPU, both stages together under 45 minutes): eval/recon_mse of
-the autoencoder around 0.01 on the test split; eval/sample_accuracy >= 0.95 at the best
+the autoencoder about 0.002 on the test split; eval/sample_accuracy >= 0.95 at the best
 guidance scale (eval/best_guidance), with eval/fld/guidance_{0,1,2,4} next to
 eval/fld_reference (as many real training images as samples, against the test split:
 the floor at this sample size).
