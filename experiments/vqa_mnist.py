@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.kind_weights = (2.0, 1.0, 1.0)  # Training mix of cell, count and presence questions.
   c.num_eval_grids = 1500  # 500 questions of each kind.
 
-  c.global_batch_size = 128
+  c.global_batch_size = 64
   c.eval_batch_size = 500
   c.num_train_steps = 2500
   c.log_every_steps = 100

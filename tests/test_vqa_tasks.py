@@ -58,8 +58,8 @@ def test_imagebert_smoke_run(smoke_runs):
 
 def _fake_clip_run(workdir):
   """A checkpoint laid out as the trainer writes a CLIP run's (step 7)."""
-  clip = models.CLIP(image_variant="mu/4", image_pool="gap", text_width=16, text_depth=1, text_heads=2,
-                     text_mlp_dim=32, max_text_len=8, embed_dim=16)
+  clip = models.CLIP(image_variant="mu/4", image_pool="gap", text_width=16, text_depth=1,
+                     text_heads=2, text_mlp_dim=32, max_text_len=8, embed_dim=16)
   params = jax.jit(clip.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
                               jnp.zeros((1, 8), jnp.int32))["params"]
   state = trainer.TrainState(step=jnp.array(7), params=params, opt_state={"count": jnp.array(7)},
