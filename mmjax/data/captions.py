@@ -51,8 +51,8 @@ EVAL_TEMPLATES = {
 
 def _mix(x: np.ndarray, seed: int) -> np.ndarray:
   """A vectorised 64-bit hash (splitmix64 finaliser) of integers with a seed."""
-  z = x.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-  with np.errstate(over="ignore"):
+  with np.errstate(over="ignore"):  # Multiplication modulo 2**64 is the point.
+    z = x.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
   return z ^ (z >> np.uint64(31))
