@@ -2,8 +2,7 @@ r"""Visual question answering on 2x2 grids of MNIST digits: an Idefics2-style mo
 
 A ViT encodes each 28x28 cell of the 56x56 grid, a perceiver resampler pools each
 cell to two tokens, an MLP projects them to the width of a small causal decoder that
-reads them before the
-question's bytes and writes the answer ("what is in the top left?" -> "seven", "how
+reads them before the question's bytes and writes the answer ("what is in the top left?" -> "seven", "how
 many sevens are there?" -> "two", "is there a seven?" -> "yes"). Only the answer's
 tokens are in the loss. Evaluation: greedy answers (key/value cache) to questions in
 phrasings held out from training, on `num_eval_grids` grids of the test split.
@@ -17,8 +16,10 @@ Commands:
   python launch.py --config=experiments/vqa_mnist.py:dataset=fashion_mnist --workdir=workdirs/vqa_fashion
   python launch.py --config=experiments/vqa_mnist.py:smoke --workdir=/tmp/vqa_smoke
 
-Expected result (2-core CPU, under 30 minutes): eval/vqa_exact_match >= 0.90 on MNIST
-grids, with eval/vqa_exact_match/{cell,count,presence} each reported.
+Target (2-core CPU, under 30 minutes): eval/vqa_exact_match >= 0.90 on MNIST grids,
+with eval/vqa_exact_match/{cell,count,presence} each reported. Measured: 0.893 with the
+ViT from experiments/clip_mnist.py (23 minutes), 0.427 from random (24 minutes); the
+README has the per-kind figures.
 """
 from mmjax import configs
 

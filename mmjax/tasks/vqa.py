@@ -63,10 +63,8 @@ class VqaTask:
     if self.q_len < need_q or self.a_len < need_a:
       raise ValueError(f"config.max_question_len={self.q_len} and max_answer_len={self.a_len}: "
                        f"{config.dataset.name} needs at least {need_q} and {need_a}.")
-    model = config.model.to_dict()
-    image_tokens = model["num_latents"] * model.get("image_split", 1) ** 2
-    self.model = vlm.VisionLanguageModel(
-        **model, max_len=image_tokens + self.q_len + self.a_len)
+    model = vlm.VisionLanguageModel(**config.model.to_dict())
+    self.model = model.clone(max_len=model.num_image_tokens + self.q_len + self.a_len)
     self.mean, self.std = NORMALISATION.get(config.dataset.name, (0.5, 0.5))
     self.train_source = pipeline.load_source(config.dataset, config.dataset.train_split)
     self.eval_source = vqa.GridSource(
