@@ -42,6 +42,16 @@ def test_each_epoch_is_a_new_permutation():
   assert not np.array_equal(epoch1, np.concatenate([b["x"] for b in other_seed]))
 
 
+def test_batches_straddling_epochs_take_each_epochs_own_order():
+  src = _source(10)
+  stream = np.concatenate([b["x"] for b in _take(
+      pipeline.train_dataset(src, global_batch_size=4, seed=5, preprocess=_ident), 10)])
+  for epoch in range(4):  # 40 examples: epochs 0-3, batches 2 and 7 straddle two of them.
+    np.testing.assert_array_equal(stream[10 * epoch:10 * (epoch + 1)],
+                                  pipeline.epoch_permutation(5, epoch, 10))
+  assert len({tuple(stream[i:i + 10]) for i in range(0, 40, 10)}) == 4
+
+
 def test_iterator_state_resumes_the_exact_batches():
   ds = pipeline.train_dataset(_source(), global_batch_size=8, seed=0, preprocess=_ident)
   it = iter(ds)
