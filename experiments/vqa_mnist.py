@@ -45,9 +45,9 @@ def get_config(arg=None):
 
   c.global_batch_size = 64
   c.eval_batch_size = 500
-  c.num_train_steps = 2500
+  c.num_train_steps = 3000
   c.log_every_steps = 100
-  c.eval_every_steps = 1250
+  c.eval_every_steps = 1500
   c.checkpoint_every_steps = 500
   c.optimizer.name = "adamw"
   c.optimizer.learning_rate = 1e-3

@@ -10,6 +10,7 @@ import pytest
 
 import launch_helpers as lh
 from mmjax import models
+from mmjax.tasks import imagebert as imagebert_task
 from mmjax.tasks import vqa as vqa_task
 from mmjax.train import sharding
 from mmjax.train import trainer
@@ -91,3 +92,20 @@ def test_vqa_vision_starts_from_a_clip_runs_image_tower(tmp_path):
   config.model.vision_variant = "mu/7"
   with pytest.raises(ValueError, match="variant"):
     jax.jit(vqa_task.VqaTask(config, sharding.make_mesh()).init)(jax.random.PRNGKey(0))
+
+
+def test_imagebert_regions_start_from_a_clip_runs_image_tower(tmp_path):
+  clip_params = _fake_clip_run(tmp_path)
+  spec = importlib.util.spec_from_file_location(
+      "imagebert_mnist", lh.REPO / "experiments/imagebert_mnist.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"smoke,clip_workdir={tmp_path}")
+  task = imagebert_task.ImageBertTask(config, sharding.make_mesh())
+  assert task.model.max_len == 2 + 4 + config.max_text_len  # One token per grid cell.
+  params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
+  for a, b in zip(jax.tree.leaves(params["vision"]), jax.tree.leaves(clip_params["image_tower"])):
+    np.testing.assert_array_equal(a, b)
+  config.model.vision_variant = None
+  with pytest.raises(ValueError, match="vision_variant"):
+    imagebert_task.ImageBertTask(config, sharding.make_mesh())

@@ -1,9 +1,17 @@
 """ImageBERT: one Transformer encoder over `[CLS] image patches [SEP] text tokens`.
 
-Single-stream fusion: image patch embeddings (a linear map of each patch, where ImageBERT
-uses detector regions) and byte-token embeddings are concatenated, each token summed
-with a position and a segment (modality) embedding, and read by one bidirectional
-Transformer encoder. Two heads:
+Single-stream fusion: image tokens and byte-token embeddings are concatenated, each token
+summed with a position and a segment (modality) embedding, and read by one bidirectional
+Transformer encoder. The image tokens are either
+
+- patch embeddings (`vision_variant=None`): a linear map of each patch x patch patch; or
+- region features, as ImageBERT reads a pretrained detector's regions: the image is cut
+  into image_split x image_split cells, each encoded by a ViT (`vision_variant`, with
+  `vit.ViT`'s parameters, so a CLIP run's image tower loads into it) and pooled to one
+  token, then projected to the encoder's width. The position embedding tells the
+  regions apart, as ImageBERT's box-position embedding does.
+
+Two heads:
 
 - image-text matching (ITM): a logit from the [CLS] state, "does this caption describe
   this image?";
@@ -15,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data import tokenizer
+from mmjax.models import vlm
 from mmjax.nn import fusion
 from mmjax.nn import transformer
 
@@ -25,10 +34,13 @@ VOCAB_SIZE = tokenizer.VOCAB_SIZE + 1
 class ImageBERT(nn.Module):
   """images [b, H, W, C], tokens [b, T] -> {"itm_logit": [b], "mlm_logits": [b, T, vocab]}.
 
-  PAD tokens are never attended to; `image_valid` [b, patches] (default: all) masks image
-  tokens the same way. max_len bounds 2 + patches + T.
+  PAD tokens are never attended to; `image_valid` [b, image tokens] (default: all) masks
+  image tokens the same way. max_len bounds 2 + num_image_tokens + T.
   """
-  patch: int = 7
+  patch: int = 7  # Patch embeddings: the patch size.
+  vision_variant: str | None = None  # Region features: the ViT variant, e.g. "mu/4".
+  vision_pool: str = "gap"  # How the ViT pools a region: "gap" or "tok" (vit.ViT's pool).
+  image_split: int = 2  # Region features: image_split² cells, one token each.
   width: int = 128
   depth: int = 4
   num_heads: int = 4
@@ -36,16 +48,32 @@ class ImageBERT(nn.Module):
   max_len: int = 128
   vocab_size: int = VOCAB_SIZE
 
-  @nn.compact
-  def __call__(self, images: jax.Array, tokens: jax.Array,
-               image_valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  def num_image_tokens(self, height: int, width: int) -> int:
+    """How many image tokens a height x width image becomes."""
+    if self.vision_variant is not None:
+      return self.image_split ** 2
+    return (height // self.patch) * (width // self.patch)
+
+  def image_tokens(self, images: jax.Array) -> jax.Array:
+    """[b, H, W, C] -> [b, num_image_tokens, width]."""
+    if self.vision_variant is not None:
+      b, s = images.shape[0], self.image_split
+      cells = vlm.ViTEncoder(self.vision_variant, self.vision_pool, name="vision")(
+          vlm.split_image(images, s))  # [b·s², tokens, vision width]
+      pooled = cells[:, 0] if self.vision_pool == "tok" else jnp.mean(cells, axis=1)
+      return nn.Dense(self.width, name="region_projection")(pooled.reshape(b, s * s, -1))
     p = self.patch
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"ImageBERT expects images [batch, height, width, channels] with "
                        f"height and width divisible by patch={p}; got {list(images.shape)}.")
     image = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                     name="patch_embedding")(images)
-    image = image.reshape(image.shape[0], -1, self.width)  # [b, patches, width]
+    return image.reshape(image.shape[0], -1, self.width)  # [b, patches, width]
+
+  @nn.compact
+  def __call__(self, images: jax.Array, tokens: jax.Array,
+               image_valid: jax.Array | None = None) -> dict[str, jax.Array]:
+    image = self.image_tokens(images)
     if image_valid is None:
       image_valid = jnp.ones(image.shape[:2], bool)
     embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),

@@ -9,6 +9,10 @@ Each training example is one of two kinds, drawn per example:
   `mlm_rate` of its bytes replaced by [MASK]; cross-entropy on those bytes.
 ITM examples never contain [MASK], so the mask cannot give the answer away.
 
+With a ViT for region features (`config.model.vision_variant`), the ViT starts at random
+or from a CLIP run's image tower (`config.clip_workdir`), as in the VQA task;
+`config.freeze_vision` keeps it as loaded (as ImageBERT keeps its detector fixed).
+
 Evaluation on `num_eval_grids` test-split grids: ITM accuracy with own and mismatched
 captions alternating, and MLM accuracy on the own captions, masked by a fixed hash.
 """
@@ -27,7 +31,9 @@ from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import vqa
 from mmjax.evals import common
 from mmjax.models import imagebert
+from mmjax.models import vlm
 from mmjax.tasks.classify import NORMALISATION
+from mmjax.tasks.vqa import load_clip_image_tower
 from mmjax.train import sharding as sharding_lib
 
 EVAL_GRID_SEED = 0  # The evaluation grids are the same whatever the run's seed.
@@ -49,14 +55,18 @@ class ImageBertTask:
       raise ValueError(f"config.max_text_len={config.max_text_len}: {config.dataset.name} "
                        f"captions need {need}.")
     self.tokenizer = tokenizer_lib.ByteTokenizer(config.max_text_len)
-    model = config.model.to_dict()
-    patches = (56 // model["patch"]) ** 2
-    self.model = imagebert.ImageBERT(**model, max_len=2 + patches + config.max_text_len)
+    model = imagebert.ImageBERT(**config.model.to_dict())
+    self.model = model.clone(max_len=2 + model.num_image_tokens(56, 56) + config.max_text_len)
+    if (config.clip_workdir or config.freeze_vision) and model.vision_variant is None:
+      raise ValueError("config.clip_workdir and config.freeze_vision need a ViT: set "
+                       "config.model.vision_variant (e.g. 'mu/4', the CLIP run's variant).")
     self.mean, self.std = NORMALISATION.get(config.dataset.name, (0.5, 0.5))
     self.train_source = pipeline.load_source(config.dataset, config.dataset.train_split)
     self.eval_source = vqa.GridSource(
         pipeline.load_source(config.dataset, config.dataset.eval_split),
         config.num_eval_grids, seed=EVAL_GRID_SEED)
+    self.vision_params = (load_clip_image_tower(config.clip_workdir)
+                          if config.clip_workdir else None)
     self._eval_sums = jax.jit(self._batch_sums)
 
   # Data.
@@ -101,12 +111,20 @@ class ImageBertTask:
   def init(self, rng):
     image = jnp.zeros((1, 56, 56, 1), jnp.float32)
     tokens = jnp.zeros((1, self.config.max_text_len), jnp.int32)
-    return self.model.init(rng, image, tokens)["params"], {}
+    params = self.model.init(rng, image, tokens)["params"]
+    if self.vision_params is not None:
+      params = vlm.with_vision_params(params, self.vision_params)
+    return params, {}
 
   def weight_decay_mask(self, params):
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    mask = jax.tree.map(lambda x: x.ndim >= 2, params)
+    if self.config.freeze_vision:
+      mask["vision"] = jax.tree.map(lambda _: False, mask["vision"])
+    return mask
 
   def loss(self, params, extras, batch, rng):
+    if self.config.freeze_vision:
+      params = {**params, "vision": jax.lax.stop_gradient(params["vision"])}
     out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
     itm_w, mlm_w = batch["itm_weight"], batch["mlm_weight"]
     itm = optax.sigmoid_binary_cross_entropy(out["itm_logit"], batch["match"])
