@@ -25,7 +25,7 @@ PEER = os.path.join(ROOT, "..", "shared", "peers", "lenet_torch.py")
 
 def rows(args):
   """name -> command line."""
-  mine = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--repeats", "3",
+  mine = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--repeats", "5",
           "--steps", str(args.steps)]
   table = {}
   for batch in (128, 512):
@@ -65,7 +65,7 @@ def main():
     model, batch = name.split(":")
     line = {"row": name, "median_images_per_sec": round(median[name], 1),
             "runs": [round(x, 1) for x in v]}
-    for key in ("pipeline_images_per_sec", "compile_s", "achieved_gflops"):
+    for key in ("pipeline_images_per_sec", "pipeline_ratio", "compile_s", "achieved_gflops"):
       if key in results[name][0]:  # mmjax rows: medians of the other columns too.
         line[key] = round(statistics.median(x[key] for x in results[name]), 2)
     peer = {"lenet5": f"torch:{batch}", "small_cnn": f"small_cnn_flax:{batch}"}.get(model)

@@ -6,7 +6,8 @@ r"""Training throughput of the trainer's real jitted step, as one JSON line.
 Builds the MNIST experiment's task, state and train step exactly as launch.py does
 (`trainer.create_train_state`, `trainer.jit_train_step`), compiles once, warms up,
 then times `--repeats` runs of `--steps` steps on one fixed batch (step only) and
-on fresh batches from the Grain pipeline (end to end). Prints the medians.
+on fresh batches from the Grain pipeline (end to end), alternating. Prints the
+medians, and `pipeline_ratio`: the median over repeats of end to end / step only.
 
 `--model lenet5_flax` / `small_cnn_flax` time the same trainer step with the model
 swapped for its plain-Flax twin (`benchmarks/plain_flax.py`: flax.linen.Conv and
@@ -90,7 +91,7 @@ def main():
     nonlocal state
     t = time.perf_counter()
     for _ in range(args.steps):
-      b = sharding.global_batch(next(train_iter), mesh) if fresh_batches else batch
+      b = sharding.step_batch(next(train_iter), mesh) if fresh_batches else batch
       state, _ = step(state, b)
     jax.block_until_ready(state)
     return args.steps * args.batch / (time.perf_counter() - t)
@@ -100,11 +101,15 @@ def main():
     step_only.append(timed(False))
     end_to_end.append(timed(True))
   ips = statistics.median(step_only)
+  # Each end-to-end repeat against the step-only repeat just before it: drifts in
+  # machine load, slower than a repeat, cancel out of the ratio.
+  pipeline_ratio = statistics.median(e / s for s, e in zip(step_only, end_to_end))
   print(json.dumps({
       "model": args.model, "batch": args.batch, "devices": jax.device_count(),
       "backend": jax.default_backend(),
       "images_per_sec": round(ips, 1),
       "pipeline_images_per_sec": round(statistics.median(end_to_end), 1),
+      "pipeline_ratio": round(pipeline_ratio, 3),
       "step_ms": round(1000 * args.batch / ips, 3),
       "compile_s": round(compile_s, 2),
       "flops_per_image": round(flops_per_image),

@@ -105,3 +105,12 @@ def test_missing_dataset_names_the_directory(tmp_path):
   with pytest.raises(pipeline.DatasetNotFoundError, match=str(tmp_path)) as e:
     pipeline.tfds_source("mnist", "train", data_dir=str(tmp_path), download=False)
   assert "TFDS_DATA_DIR" in str(e.value)
+
+
+def test_normalize_images_matches_the_textbook_formula():
+  images = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+  out = pipeline.normalize_images(images, 0.1307, 0.3081)
+  assert out.dtype == np.float32 and out.shape == images.shape
+  expected = (images.astype(np.float64) / 255.0 - 0.1307) / 0.3081
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+  assert images[3, 7, 7, 0] == 255  # The input is left as it was.

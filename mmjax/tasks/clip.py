@@ -40,7 +40,7 @@ class ClipTask:
 
   # Data.
   def _preprocess(self, batch, templates):
-    image = (batch["image"].astype(np.float32) / 255.0 - self.mean) / self.std
+    image = pipeline.normalize_images(batch["image"], self.mean, self.std)
     ids = captions.template_choice(batch["position"], len(templates), self.config.seed)
     texts = captions.captions(self.config.dataset.name, batch["label"], ids, templates)
     return {"image": image, "tokens": self.tokenizer.encode(texts),

@@ -100,7 +100,7 @@ class ImageBertTask:
             "match": match, "mlm_tokens": mlm_tokens, "mlm_weight": mlm_weight}
 
   def _normalise(self, images):
-    return (images.astype(np.float32) / 255.0 - self.mean) / self.std
+    return pipeline.normalize_images(images, self.mean, self.std)
 
   def train_dataset(self, sharding: pipeline.Sharding):
     return pipeline.train_dataset(

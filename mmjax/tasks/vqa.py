@@ -80,7 +80,7 @@ class VqaTask:
                        tuple(self.config.kind_weights))
     tokens = np.concatenate([vqa.encode_prompts(qa["question"], self.q_len),
                              vqa.encode_answers(qa["answer"], self.a_len)], axis=1)
-    image = (images.astype(np.float32) / 255.0 - self.mean) / self.std
+    image = pipeline.normalize_images(images, self.mean, self.std)
     return {"image": image, "tokens": tokens, "kind": qa["kind"]}
 
   def _train_preprocess(self, batch):

@@ -42,3 +42,18 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                       local_batch)
+
+
+def step_batch(local_batch: dict[str, np.ndarray], mesh: Mesh):
+  """This process's rows of a global batch -> the argument of a step jitted with
+  `in_shardings=batch_sharded(mesh)`.
+
+  In a single process the NumPy arrays go in as they are: jit places them by its
+  in_shardings in C++, about 15 us a batch, where `global_batch` (Python's
+  `make_array_from_process_local_data`) took about 200 us on a 2-core CPU, 3% of
+  LeNet-5's step. Across processes each holds only its rows, so they become global
+  arrays first.
+  """
+  if jax.process_count() == 1:
+    return local_batch
+  return global_batch(local_batch, mesh)

@@ -233,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   written: dict[str, float] = {}
   with _SigtermFlag() as sigterm:
     for step in range(start + 1, config.num_train_steps + 1):
-      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      batch = sharding_lib.step_batch(next(train_iter), mesh)
       state, step_metrics = train_step(state, batch)
       pending.append((step, step_metrics))
       progress(step)
