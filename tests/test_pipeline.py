@@ -1,4 +1,7 @@
 """The TFDS + Grain pipeline: sharding, epochs, eval coverage, resume, errors."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -99,6 +102,18 @@ def test_mnist_from_tfds_is_decoded_once_and_cached(tmp_path):
   # The same examples as the TFDS source itself.
   raw = pipeline.tfds_source("mnist", "test")
   np.testing.assert_array_equal(raw[1234]["image"], src.arrays["image"][1234])
+
+
+def test_two_copies_of_a_dataset_get_their_own_cache_entries(tmp_path):
+  raw = pipeline.tfds_source("mnist", "test")
+  copy = tmp_path / "tfds" / "mnist"
+  shutil.copytree(os.path.dirname(raw.dataset_info.data_dir), copy)
+  src = pipeline.decoded_source("mnist", "test", cache_dir=str(tmp_path / "cache"))
+  assert len(list((tmp_path / "cache").rglob("test.npz"))) == 1
+  pipeline.decoded_source("mnist", "test", data_dir=str(tmp_path / "tfds"),
+                          cache_dir=str(tmp_path / "cache"))
+  assert len(list((tmp_path / "cache").rglob("test.npz"))) == 2
+  assert len(src) == 10_000
 
 
 def test_missing_dataset_names_the_directory(tmp_path):

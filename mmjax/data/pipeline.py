@@ -17,6 +17,7 @@ a quarter of LeNet-5's train step on a 2-core CPU.
 """
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -105,13 +106,15 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
   """Decodes a whole TFDS split once into memory, cached as .npz across runs.
 
   The cache lives in `cache_dir`, else $MMJAX_CACHE_DIR, else ~/.cache/mmjax, keyed
-  by dataset, version and split; it is written to a temporary file and renamed, so
-  a reader never sees half of one.
+  by dataset, version, split and the prepared files themselves (`_fingerprint`), so
+  two copies of a dataset never share an entry; it is written to a temporary file
+  and renamed, so a reader never sees half of one.
   """
   source = tfds_source(name, split, data_dir, download)
   version = str(source.dataset_info.version)
   root = pathlib.Path(cache_dir or os.environ.get(_CACHE_ENV) or "~/.cache/mmjax").expanduser()
-  path = root / "decoded" / name / version / f"{split}.npz"
+  path = (root / "decoded" / name / version / _fingerprint(source.dataset_info.data_dir)
+          / f"{split}.npz")
   if path.exists():
     with np.load(path) as f:
       return ArraySource({k: f[k] for k in f.files})
@@ -123,6 +126,14 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return ArraySource(arrays)
+
+
+def _fingerprint(directory: str) -> str:
+  """A short hash of a prepared dataset's directory: its path, file names, sizes, mtimes."""
+  files = sorted(pathlib.Path(directory).iterdir())
+  key = [os.path.abspath(directory)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                        for f in files if f.is_file()]
+  return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 
 def load_source(dataset_config, split: str):
