@@ -20,10 +20,10 @@ RUNS = {"vqa": "experiments/vqa_mnist.py:smoke", "imagebert": "experiments/image
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-  """Both smoke configs, run side by side (their start-up is mostly single-threaded)."""
+  """Both smoke configs, side by side (start-up is mostly single-threaded), on 2 devices."""
   root = tmp_path_factory.mktemp("smoke")
   procs = {name: subprocess.Popen(lh.launch_cmd(config, root / name), cwd=lh.REPO,
-                                  env=lh.env_with_devices(8), stdout=subprocess.DEVNULL,
+                                  env=lh.env_with_devices(2), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
            for name, config in RUNS.items()}
   for name, p in procs.items():
