@@ -131,8 +131,8 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
 def _fingerprint(directory: str) -> str:
   """A short hash of a prepared dataset's directory: its path, file names, sizes, mtimes."""
   files = sorted(pathlib.Path(directory).iterdir())
-  key = [os.path.abspath(directory)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                                        for f in files if f.is_file()]
+  stats = [(f.name, f.stat()) for f in files if f.is_file()]
+  key = [os.path.abspath(directory)] + [(n, st.st_size, st.st_mtime_ns) for n, st in stats]
   return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 

@@ -5,12 +5,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import losses
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
-
-
-def _normalise(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
 class CLIP(nn.Module):
@@ -43,11 +40,11 @@ class CLIP(nn.Module):
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """[b, h, w, c] -> [b, embed_dim], unit norm."""
-    return _normalise(self.image_proj(self.image_tower(images)))
+    return losses.l2_normalise(self.image_proj(self.image_tower(images)))
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     """[b, len] -> [b, embed_dim], unit norm."""
-    return _normalise(self.text_proj(self.text_tower(tokens)))
+    return losses.l2_normalise(self.text_proj(self.text_tower(tokens)))
 
   def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
     out = {"image_emb": self.encode_image(images), "text_emb": self.encode_text(tokens),

@@ -85,9 +85,9 @@ class ImageBertTask:
                                          c.itm_hard_fraction, match)
     targets = self.tokenizer.encode(texts)
     tokens, mlm_weight = self._mask(targets, keys, is_mlm)
-    return {"image": self._normalise(images), "tokens": tokens, "targets": targets,
-            "match": match, "itm_weight": (~is_mlm).astype(np.float32),
-            "mlm_weight": mlm_weight}
+    image = pipeline.normalize_images(images, self.mean, self.std)
+    return {"image": image, "tokens": tokens, "targets": targets, "match": match,
+            "itm_weight": (~is_mlm).astype(np.float32), "mlm_weight": mlm_weight}
 
   def _eval_preprocess(self, batch):
     keys = batch["position"]
@@ -96,11 +96,9 @@ class ImageBertTask:
                                          self.class_names, self.config.itm_hard_fraction, own)
     tokens = self.tokenizer.encode(texts)
     mlm_tokens, mlm_weight = self._mask(tokens, keys, own)
-    return {"image": self._normalise(batch["image"]), "tokens": tokens, "targets": tokens,
-            "match": match, "mlm_tokens": mlm_tokens, "mlm_weight": mlm_weight}
-
-  def _normalise(self, images):
-    return pipeline.normalize_images(images, self.mean, self.std)
+    image = pipeline.normalize_images(batch["image"], self.mean, self.std)
+    return {"image": image, "tokens": tokens, "targets": tokens, "match": match,
+            "mlm_tokens": mlm_tokens, "mlm_weight": mlm_weight}
 
   def train_dataset(self, sharding: pipeline.Sharding):
     return pipeline.train_dataset(
