@@ -33,11 +33,11 @@ def _images(n, seed=1):
   return jax.random.normal(jax.random.PRNGKey(seed), (n, 56, 56, 1))
 
 
-def test_vit_encoder_has_vit_parameters_and_its_class_token():
+def test_vit_tokens_have_the_pooled_vits_parameters_and_its_class_token():
   images = _images(2)[:, :28, :28]
   ref = vit.ViT("mu/4", pool="tok")
   params = jax.jit(ref.init)(jax.random.PRNGKey(0), images)
-  encoder = vlm.ViTEncoder("mu/4", pool="tok")
+  encoder = vit.ViT("mu/4", pool="none", class_token=True)
   shapes = jax.tree.map(jnp.shape, jax.eval_shape(encoder.init, jax.random.PRNGKey(0), images))
   assert shapes == jax.tree.map(jnp.shape, params)
   tokens = jax.jit(encoder.apply)(params, images)

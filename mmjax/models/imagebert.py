@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data import tokenizer
+from mmjax.models import vit
 from mmjax.models import vlm
 from mmjax.nn import fusion
 from mmjax.nn import transformer
@@ -58,9 +59,8 @@ class ImageBERT(nn.Module):
     """[b, H, W, C] -> [b, num_image_tokens, width]."""
     if self.vision_variant is not None:
       b, s = images.shape[0], self.image_split
-      cells = vlm.ViTEncoder(self.vision_variant, self.vision_pool, name="vision")(
-          vlm.split_image(images, s))  # [b·s², tokens, vision width]
-      pooled = cells[:, 0] if self.vision_pool == "tok" else jnp.mean(cells, axis=1)
+      pooled = vit.ViT(self.vision_variant, pool=self.vision_pool, name="vision")(
+          vlm.split_image(images, s))  # [b·s², vision width]: one token per cell.
       return nn.Dense(self.width, name="region_projection")(pooled.reshape(b, s * s, -1))
     p = self.patch
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:

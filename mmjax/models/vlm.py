@@ -34,34 +34,6 @@ from mmjax.nn import transformer
 Cache = list[dict[str, jax.Array]]  # Per layer {"k", "v"}: [batch, max_len, heads, head_dim].
 
 
-class ViTEncoder(nn.Module):
-  """[batch, height, width, channels] -> [batch, (1 +) patches, width]: every output token.
-
-  The parameters are exactly those of `vit.ViT(variant, pool)` ("embedding",
-  "pos_embedding", "cls" when pool="tok", "encoder"), so a ViT trained elsewhere (the
-  image tower of CLIP) loads as it is; token 0 is then what `vit.ViT` returns.
-  """
-  variant: str = "mu/7"
-  pool: str = "tok"  # "tok": a class token first; "gap": patch tokens only.
-
-  @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    v = vit.parse_variant(self.variant)
-    p = v["patch"]
-    if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
-      raise ValueError(f"ViT {self.variant} expects [batch, height, width, channels] with "
-                       f"height and width divisible by {p}; got {list(images.shape)}.")
-    if self.pool not in ("tok", "gap"):
-      raise ValueError(f"pool={self.pool!r}: use 'tok' or 'gap'.")
-    x = nn.Conv(v["width"], (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
-    x = x.reshape(x.shape[0], -1, v["width"])
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]))
-    if self.pool == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, v["width"]))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, v["width"])), x], axis=1)
-    return transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], name="encoder")(x)
-
-
 def split_image(images: jax.Array, grid: int) -> jax.Array:
   """[b, H, W, c] -> [b * grid², H / grid, W / grid, c], sub-images in reading order."""
   b, h, w, c = images.shape
@@ -93,44 +65,6 @@ def positions_from_valid(valid: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
-class CachedSelfAttention(nn.Module):
-  """Multi-head self-attention over a chunk of new tokens, with an optional key/value cache.
-
-  Parameters are named as in `attention.MultiHeadAttention` (query, key, value, out).
-  x [batch, chunk, width], mask [batch, 1, chunk, kv_len]. Without a cache the keys are
-  the chunk itself (kv_len = chunk). With a cache ({"k", "v"}: [batch, kv_len, heads,
-  head_dim]) the chunk's keys and values are written at `index` first, and the chunk
-  attends to the whole cache. Returns (out [batch, chunk, width], {"k", "v"}).
-  """
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, cache: dict | None = None,
-               index=None) -> tuple[jax.Array, dict]:
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
-    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-    out = attention.dot_product_attention(q, k, v, mask)
-    return nn.DenseGeneral(width, axis=(-2, -1), name="out")(out), {"k": k, "v": v}
-
-
-class CausalBlock(nn.Module):
-  """Pre-LN decoder-only block: x + SelfAttention(LN(x)), then + MLP(LN(x)); cache-aware."""
-  num_heads: int
-  mlp_dim: int
-
-  @nn.compact
-  def __call__(self, x, mask, cache=None, index=None):
-    h, kv = CachedSelfAttention(self.num_heads, name="attention")(
-        nn.LayerNorm(name="ln1")(x), mask, cache, index)
-    x = x + h
-    return x + transformer.MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x)), kv
-
-
 class VisionLanguageModel(nn.Module):
   """images [b, H, W, C], tokens [b, T], valid [b, T] -> next-token logits [b, T, vocab].
 
@@ -151,7 +85,10 @@ class VisionLanguageModel(nn.Module):
   vocab_size: int = tokenizer.VOCAB_SIZE
 
   def setup(self):
-    self.vision = ViTEncoder(self.vision_variant, self.vision_pool)
+    # Every token of the ViT; with vision_pool="tok" the class token too. The
+    # parameters are vit.ViT(vision_variant, vision_pool)'s, so a CLIP tower loads.
+    self.vision = vit.ViT(self.vision_variant, pool="none",
+                          class_token=self.vision_pool == "tok")
     vision_width = vit.parse_variant(self.vision_variant)["width"]
     if self.image_split > 1:
       self.subimage_embedding = self.param("subimage_embedding", nn.initializers.normal(0.02),
@@ -163,7 +100,8 @@ class VisionLanguageModel(nn.Module):
                                     embedding_init=nn.initializers.normal(0.02))
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                     (self.max_len, self.width))
-    self.blocks = [CausalBlock(self.num_heads, self.mlp_dim) for _ in range(self.depth)]
+    self.blocks = [transformer.EncoderBlock(self.num_heads, self.mlp_dim)
+                   for _ in range(self.depth)]
     self.ln_final = nn.LayerNorm()
 
   def encode_image(self, images: jax.Array) -> jax.Array:
@@ -189,8 +127,11 @@ class VisionLanguageModel(nn.Module):
     x = x + self.pos_embedding[positions]
     new = []
     for i, block in enumerate(self.blocks):
-      x, kv = block(x, mask, None if caches is None else caches[i], index)
-      new.append(kv)
+      if caches is None:
+        x = block(x, mask)
+      else:
+        x, kv = block(x, mask, caches[i], index)
+        new.append(kv)
     return self.token_embedding.attend(self.ln_final(x)), new
 
   def _check_len(self, n: int):

@@ -51,6 +51,12 @@ class MultiHeadAttention(nn.Module):
 
   Maps queries [batch, q_len, q_width] and keys/values [batch, kv_len, kv_width]
   to [batch, q_len, out_features or q_width].
+
+  Decoding with a key/value cache (self-attention only): pass `cache` = {"k", "v"},
+  each [batch, max_len, heads, head_dim], and `cache_index`, the absolute position of
+  the first of the q_len new tokens. Their keys and values are written into the cache
+  there, the queries attend to the whole cache (`mask` [batch, 1, q_len, max_len] says
+  which entries they see), and the call returns (out, updated cache).
   """
   num_heads: int
   head_dim: int | None = None  # Default: q_width / num_heads.
@@ -59,7 +65,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, cache: dict | None = None,
+               cache_index=None) -> jax.Array | tuple[jax.Array, dict]:
+    if cache is not None and inputs_kv is not None:
+      raise ValueError("MultiHeadAttention: a key/value cache is for self-attention; got "
+                       "inputs_kv too.")
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     width = inputs_q.shape[-1]
     head_dim = self.head_dim or width // self.num_heads
@@ -67,6 +77,12 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"Width {width} does not split into {self.num_heads} heads; set head_dim.")
     proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
     q, k, v = proj("query")(inputs_q), proj("key")(inputs_kv), proj("value")(inputs_kv)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                              cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                              cache_index, 1)
     out = dot_product_attention(q, k, v, mask)
-    return nn.DenseGeneral(self.out_features or width, axis=(-2, -1), kernel_init=self.out_init,
-                           name="out")(out)
+    out = nn.DenseGeneral(self.out_features or width, axis=(-2, -1), kernel_init=self.out_init,
+                          name="out")(out)
+    return out if cache is None else (out, {"k": k, "v": v})

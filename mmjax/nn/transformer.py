@@ -16,15 +16,24 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """x + SelfAttention(LN(x)), then + MLP(LN(x)). [batch, len, width] -> same."""
+  """x + SelfAttention(LN(x)), then + MLP(LN(x)). [batch, len, width] -> same.
+
+  With `cache` and `cache_index` (see `MultiHeadAttention`) the block reads new tokens
+  against a key/value cache and returns (x, updated cache): a causal decoder's step.
+  """
   num_heads: int
   mlp_dim: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    x = x + MultiHeadAttention(self.num_heads, name="attention")(nn.LayerNorm(name="ln1")(x),
-                                                                 mask=mask)
-    return x + MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, cache: dict | None = None,
+               cache_index=None) -> jax.Array | tuple[jax.Array, dict]:
+    h = MultiHeadAttention(self.num_heads, name="attention")(
+        nn.LayerNorm(name="ln1")(x), mask=mask, cache=cache, cache_index=cache_index)
+    if cache is not None:
+      h, cache = h
+    x = x + h
+    x = x + MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x))
+    return x if cache is None else (x, cache)
 
 
 class DecoderBlock(nn.Module):
