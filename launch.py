@@ -2,7 +2,8 @@ r"""Runs one experiment: python launch.py --config=experiments/X.py[:arg] --work
 
 Override any config field on the command line, e.g. `--config.seed=3` or
 `--config.optimizer.learning_rate=1e-3`. Restarting the same command with the same
---workdir resumes from the last checkpoint.
+--workdir resumes from the last checkpoint. With `--eval_only` the config's evaluators
+run on the workdir's latest checkpoint, without training (results in <workdir>/eval_only).
 
 Several hosts: run the same command on every host. On TPU pods and under SLURM add
 `--distributed` (JAX finds its peers); elsewhere give `--coordinator_address=HOST:PORT
@@ -19,6 +20,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_EVAL_ONLY = flags.DEFINE_bool(
+    "eval_only", False, "Run the config's evaluators on the workdir's latest checkpoint "
+    "and stop; metrics and images go to <workdir>/eval_only.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detection "
     "(TPU pods, SLURM).")
@@ -55,7 +59,10 @@ def main(argv):
   # Checks that need no compilation come first: batch sizes, model name, dataset.
   sharding.check_batch_size(config.global_batch_size, mesh)
   task = tasks.get_task(config, mesh)
-  final = trainer.train_and_evaluate(config, _WORKDIR.value, task, mesh)
+  if _EVAL_ONLY.value:
+    final = trainer.evaluate_only(config, _WORKDIR.value, task, mesh)
+  else:
+    final = trainer.train_and_evaluate(config, _WORKDIR.value, task, mesh)
   logging.info("Final metrics: %s", final)
 
 

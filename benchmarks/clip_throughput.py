@@ -36,25 +36,17 @@ def main():
 
   import jax
   from experiments import clip_mnist
-  from mmjax.models import clip as clip_model
   from mmjax.tasks import clip as clip_task
   from mmjax.train import sharding, trainer
-
-  class SyntheticClipTask(clip_task.ClipTask):
-    """The CLIP task's model and loss, on inputs of any shape, with no dataset."""
-
-    def __init__(self, config, mesh, image_shape):
-      self.config, self.mesh, self.image_shape = config, mesh, image_shape
-      self.model = clip_model.CLIP(**config.model.to_dict(), sigmoid=config.loss == "sigmoid")
-      self.max_text_len = config.model.max_text_len
 
   shapes = SHAPES[args.shapes]
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
   config.global_batch_size = args.batch
   mesh = sharding.make_mesh()
-  task = SyntheticClipTask(config, mesh, shapes["image_shape"])
-  state, tx, schedule = trainer.create_train_state(config, task, mesh)
+  task = clip_task.ClipTask(config, mesh)  # Its model and loss; no dataset (no setup()).
+  task.image_shape = shapes["image_shape"]
+  state, opt = trainer.create_train_state(config, task, mesh)
   rng = jax.random.PRNGKey(0)
   batch = sharding.global_batch({
       "image": jax.device_get(jax.random.normal(rng, (args.batch, *shapes["image_shape"]))),
@@ -63,7 +55,7 @@ def main():
   }, mesh)
 
   t = time.perf_counter()
-  step = trainer.jit_train_step(task, tx, schedule, mesh).lower(state, batch).compile()
+  step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -41,21 +41,20 @@ def main():
   class SyntheticLatentDiffusionTask(ldm.LatentDiffusionTask):
     """The diffusion task's model, loss and sampler on random latents: no first stage."""
 
-    def __init__(self, config, mesh):
-      self.config, self.mesh = config, mesh
-      self.text_encoder = TextTransformer(**ldm._module_kwargs(config.text))
+    def setup(self):
+      self.text_encoder = TextTransformer(**ldm.module_kwargs(self.config.text))
       self.frozen_text = None
-      self.unet = UNet(**ldm._module_kwargs(config.unet), context_dim=self.text_encoder.width)
-      self.schedule = diffusion.make_schedule(config.diffusion.schedule,
-                                              config.diffusion.num_timesteps)
+      self.unet = UNet(**ldm.module_kwargs(self.config.unet),
+                       context_dim=self.text_encoder.width)
       self.latent_shape, self.latent_scale = (8, 8, 4), 1.0
 
   config = ldm_mnist.get_config("stage=diffusion")
   config.global_batch_size = args.batch
   mesh = sharding.make_mesh()
   task = SyntheticLatentDiffusionTask(config, mesh)
+  task.setup()
   t = time.perf_counter()
-  state, tx, schedule = trainer.create_train_state(config, task, mesh)
+  state, opt = trainer.create_train_state(config, task, mesh)
   init_s = time.perf_counter() - t
   tokenizer = tokenizer_lib.ByteTokenizer(max_len=config.text.max_len)
   rng = np.random.default_rng(0)
@@ -67,7 +66,7 @@ def main():
   }, mesh)
 
   t = time.perf_counter()
-  step = trainer.jit_train_step(task, tx, schedule, mesh).lower(state, batch).compile()
+  step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

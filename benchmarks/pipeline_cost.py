@@ -40,6 +40,7 @@ def main():
   config.global_batch_size = args.batch
   mesh = sharding.make_mesh()
   task = tasks.get_task(config, mesh)
+  task.setup()
   to_step = sharding.global_batch if args.global_arrays else sharding.step_batch
   train_iter = iter(task.train_dataset(pipeline.Sharding()))
   for _ in range(20):  # Warm-up: the reading thread started, the buffer filled.

@@ -43,8 +43,8 @@ def _model_flops(config, task, mesh, batch, base_model) -> float:
   model = task.model
   task.model = {name: cls for name, cls in plain_flax.MODELS.values()}[base_model]()
   try:
-    state, tx, schedule = trainer.create_train_state(config, task, mesh)
-    return _flops(trainer.jit_train_step(task, tx, schedule, mesh).lower(state, batch))
+    state, opt = trainer.create_train_state(config, task, mesh)
+    return _flops(trainer.jit_train_step(task, opt, mesh).lower(state, batch))
   finally:
     task.model = model
 
@@ -71,14 +71,15 @@ def main():
   config.global_batch_size = args.batch
   mesh = sharding.make_mesh()
   task = tasks.get_task(config, mesh)
+  task.setup()
   if plain_model is not None:
     task.model = plain_model()
-  state, tx, schedule = trainer.create_train_state(config, task, mesh)
+  state, opt = trainer.create_train_state(config, task, mesh)
   train_iter = iter(task.train_dataset(pipeline.Sharding()))
   batch = sharding.global_batch(next(train_iter), mesh)
 
   t = time.perf_counter()
-  step = trainer.jit_train_step(task, tx, schedule, mesh).lower(state, batch).compile()
+  step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   flops_per_image = _flops(step) / args.batch
   model_flops_per_image = _model_flops(config, task, mesh, batch, base_model) / args.batch

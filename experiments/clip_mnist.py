@@ -41,14 +41,8 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.05
   c.optimizer.grad_clip_norm = 1.0
+  c.evals.zeroshot = dict(type="zeroshot_retrieval")  # Zero-shot top-1 and retrieval.
 
   if arg.smoke:
-    c.global_batch_size = 32
-    c.num_train_steps = 20
-    c.log_every_steps = 5
-    c.eval_every_steps = 20
-    c.checkpoint_every_steps = 10
-    c.eval_batch_size = 1024
-    c.dataset.eval_split = "test[:2048]"  # A slice of the test split: seconds, not minutes.
-    c.optimizer.warmup_steps = 2
+    configs.apply_smoke(c)
   return c

@@ -5,7 +5,7 @@ four cells, each encoded by the ViT of experiments/clip_mnist.py ("mu/4", mean-p
 to one token. The sequence is `[CLS] 4 region tokens [SEP] caption bytes`, each token
 summed with a position and a segment (modality) embedding. Training mixes image-text
 matching (the grid's caption, "a seven, a two, a nine and an eight", or a mismatched
-one) and masked byte prediction on own captions. Evaluation on `num_eval_grids`
+one) and masked byte prediction on own captions. Evaluation on `evals.itm.num_grids`
 test-split grids, own and mismatched captions alternating. The ViT starts at random, or
 from a CLIP run's image tower (`clip_workdir=...`), as ImageBERT's detector is pretrained.
 
@@ -36,13 +36,12 @@ def get_config(arg=None):
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
   # A ViT loaded from CLIP stays as it is (ImageBERT's detector is fixed too): the step
   # skips its backward pass, and its digit features are already there.
-  c.freeze_vision = bool(arg.clip_workdir)
+  c.frozen = ("vision/.*",) if arg.clip_workdir else ()
   c.max_text_len = 64 if arg.dataset == "fashion_mnist" else 44  # BOS + caption + EOS.
   c.mlm_fraction = 0.25  # Share of training examples that are MLM (own caption, masked).
   c.mlm_rate = 0.15  # Share of an MLM caption's bytes replaced by [MASK].
   c.mlm_loss_weight = 1.0
   c.itm_hard_fraction = 0.25  # Share of negatives that change one cell's class only.
-  c.num_eval_grids = 2000
 
   c.global_batch_size = 64
   c.eval_batch_size = 500
@@ -55,15 +54,10 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.05
   c.optimizer.grad_clip_norm = 1.0
+  c.evals.itm = dict(type="itm", num_grids=2000)
 
   if arg.smoke:
     c.model.update(width=32, depth=1, mlp_dim=64)
-    c.global_batch_size = 16
-    c.num_train_steps = 10
-    c.log_every_steps = 5
-    c.eval_every_steps = 10
-    c.checkpoint_every_steps = 5
-    c.num_eval_grids = 48
-    c.eval_batch_size = 24
-    c.optimizer.warmup_steps = 2
+    configs.apply_smoke(c, steps=10, batch=16, eval_batch=24)
+    c.evals.itm.num_grids = 48
   return c

@@ -9,7 +9,7 @@ is judged by the LeNet-5 of experiments/mnist_lenet.py:
   python launch.py --config=experiments/ldm_mnist.py:stage=diffusion \
       --workdir=workdirs/ldm_diffusion \
       --config.autoencoder_workdir=workdirs/ldm_autoencoder \
-      --config.classifier_workdir=workdirs/mnist_lenet
+      --config.evals.samples.classifier_workdir=workdirs/mnist_lenet
 
 (those two workdirs are the defaults). `clip_workdir=...` conditions on the frozen
 text tower of a CLIP run (experiments/clip_mnist.py) instead of a text Transformer
@@ -35,18 +35,11 @@ def get_config(arg=None):
   else:
     raise ValueError(f"stage={arg.stage!r}: use stage=autoencoder or stage=diffusion.")
   if arg.smoke:
-    c.global_batch_size = 32
-    c.num_train_steps = 20
-    c.log_every_steps = 5
-    c.eval_every_steps = 20
-    c.checkpoint_every_steps = 10
-    c.dataset.eval_split = "test[:2048]"
-    c.optimizer.warmup_steps = 2
+    configs.apply_smoke(c)
   if arg.smoke and arg.stage == "diffusion":
     c.dataset.train_split = "train[:4096]"
-    c.sampling.samples_per_class = 4
+    c.evals.samples.update(samples_per_class=4, grid_per_class=4)
     c.sampling.num_steps = 4
-    c.sampling.grid_per_class = 4
     c.unet = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(2,), num_heads=2, groups=4)
     c.text = dict(width=32, depth=1, num_heads=2, mlp_dim=64, max_len=32)
@@ -69,6 +62,7 @@ def _autoencoder_config():
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 100
+  c.evals.reconstruction = dict(type="reconstruction")
   return c
 
 
@@ -76,7 +70,6 @@ def _diffusion_config():
   c = configs.base_config()
   c.task = "ldm"
   c.autoencoder_workdir = "workdirs/ldm_autoencoder"
-  c.classifier_workdir = "workdirs/mnist_lenet"  # "" : no sample accuracy or FLD.
   c.clip_workdir = ""  # A CLIP run's workdir: its frozen text tower gives the context.
   c.prompt = "a handwritten digit {}"
 
@@ -86,8 +79,12 @@ def _diffusion_config():
   c.diffusion = dict(schedule="linear", num_timesteps=1000, prediction_type="eps",
                      loss_weighting="none", min_snr_gamma=5.0, cond_drop_prob=0.1,
                      ema_decay=0.999)
-  c.sampling = dict(method="ddim", num_steps=25, eta=0.0, guidance_scales=(0.0, 1.0, 2.0, 4.0),
-                    samples_per_class=100, grid_per_class=8)
+  c.sampling = dict(method="ddim", num_steps=25, eta=0.0)
+  # 100 samples per digit at each guidance scale, judged by the MNIST LeNet-5 run
+  # (classifier_workdir="": no sample accuracy or FLD, only the grids).
+  c.evals.samples = dict(type="sample_quality", classifier_workdir="workdirs/mnist_lenet",
+                         samples_per_class=100, guidance_scales=(0.0, 1.0, 2.0, 4.0),
+                         grid_per_class=8)
 
   c.global_batch_size = 128
   c.num_train_steps = 3000

@@ -32,14 +32,9 @@ def get_config(arg=None):
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 200
+  c.evals.accuracy = dict(type="classification")  # Every eval_every_steps, whole test split.
 
   if arg.smoke:
-    c.global_batch_size = 32
-    c.eval_batch_size = 1024
-    c.dataset.eval_split = "test[:2048]"  # A slice of the test split: seconds, not minutes.
-    c.num_train_steps = 20
-    c.log_every_steps = 5
+    configs.apply_smoke(c)
     c.eval_every_steps = 10
-    c.checkpoint_every_steps = 10
-    c.optimizer.warmup_steps = 2
   return c

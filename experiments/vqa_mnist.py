@@ -5,7 +5,7 @@ cell to two tokens, an MLP projects them to the width of a small causal decoder 
 reads them before the question's bytes and writes the answer ("what is in the top left?" -> "seven", "how
 many sevens are there?" -> "two", "is there a seven?" -> "yes"). Only the answer's
 tokens are in the loss. Evaluation: greedy answers (key/value cache) to questions in
-phrasings held out from training, on `num_eval_grids` grids of the test split.
+phrasings held out from training, on `evals.vqa.num_grids` grids of the test split.
 
 The ViT ("mu/4", mean-pooled, as in experiments/clip_mnist.py) starts at random, or
 from a CLIP run's image tower (`clip_workdir=...`).
@@ -39,11 +39,10 @@ def get_config(arg=None):
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
   # A ViT loaded from CLIP stays as it is: the step skips its backward pass (1.6x faster
   # steps), and the decoder learns to read digit features CLIP already made.
-  c.freeze_vision = bool(arg.clip_workdir)
+  c.frozen = ("vision/.*",) if arg.clip_workdir else ()
   c.max_question_len = 48  # BOS + the longest question's bytes (44), rounded up.
   c.max_answer_len = 12 if arg.dataset == "fashion_mnist" else 8  # The answer's bytes + EOS.
   c.kind_weights = (2.0, 1.0, 1.0)  # Training mix of cell, count and presence questions.
-  c.num_eval_grids = 1500  # 500 questions of each kind.
 
   c.global_batch_size = 64
   c.eval_batch_size = 500
@@ -56,15 +55,10 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.05
   c.optimizer.grad_clip_norm = 1.0
+  c.evals.vqa = dict(type="vqa", num_grids=1500)
 
   if arg.smoke:
     c.model.update(num_latents=1, width=32, depth=1, mlp_dim=64)
-    c.global_batch_size = 16
-    c.num_train_steps = 10
-    c.log_every_steps = 5
-    c.eval_every_steps = 10
-    c.checkpoint_every_steps = 5
-    c.num_eval_grids = 48
-    c.eval_batch_size = 24
-    c.optimizer.warmup_steps = 2
+    configs.apply_smoke(c, steps=10, batch=16, eval_batch=24)
+    c.evals.vqa.num_grids = 48
   return c

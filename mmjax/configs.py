@@ -34,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # Evaluators, each config.evals.<name> = dict(type=..., every_steps=..., ...): see
+  # mmjax/evals/__init__.py. every_steps defaults to eval_every_steps.
+  c.evals = ml_collections.ConfigDict()
+  # Regexes over parameter paths ("vision/.*"): those leaves get no update, no optimizer
+  # state and no weight decay.
+  c.frozen = ()
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist"
@@ -53,4 +59,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 0.0
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int = 32,
+                eval_batch: int | None = None) -> ml_collections.ConfigDict:
+  """Shrinks a config to a seconds-long run, in place: `steps` steps of `batch` (a
+  multiple of 8, for 8 fake devices), a log line every 5 steps, two checkpoints,
+  evaluation at the end on a 2,048-example slice of the eval split."""
+  c.global_batch_size = batch
+  c.num_train_steps = steps
+  c.log_every_steps = 5
+  c.eval_every_steps = steps
+  c.checkpoint_every_steps = steps // 2
+  if eval_batch:
+    c.eval_batch_size = eval_batch
+  c.dataset.eval_split = "test[:2048]"
+  c.optimizer.warmup_steps = 2
   return c

@@ -52,7 +52,7 @@ def test_diffusion_stage_without_an_autoencoder_fails_with_the_command(tmp_path)
   proc = lh.run("experiments/ldm_mnist.py:smoke,stage=diffusion", tmp_path / "ldm",
                 f"autoencoder_workdir={tmp_path / 'missing'}", check=False, timeout=120)
   assert proc.returncode != 0
-  assert "autoencoder_workdir" in proc.stderr and "Train that stage first" in proc.stderr
+  assert "autoencoder_workdir" in proc.stderr and "Train that run first" in proc.stderr
 
 
 def test_both_stages_smoke_run(tmp_path):
@@ -74,7 +74,7 @@ def test_both_stages_smoke_run(tmp_path):
   assert (ae / "images" / "reconstructions_20.png").exists()
 
   lh.run("experiments/ldm_mnist.py:smoke,stage=diffusion", ldm, f"autoencoder_workdir={ae}",
-         f"classifier_workdir={judge}", devices=2)
+         f"evals.samples.classifier_workdir={judge}", devices=2)
   rows = lh.metrics(ldm)
   last = rows[-1]
   assert last["step"] == 20 and lh.checkpoint_steps(ldm) == [10, 20]

@@ -1,4 +1,7 @@
-"""The generic trainer on a toy task, in-process: NaN stop, device-count invariance."""
+"""The generic trainer on a toy task, in-process: NaN stop, device-count invariance,
+frozen parameters, evaluators and their cadence, --eval_only, load_run."""
+import json
+import os
 import re
 
 import jax
@@ -7,38 +10,46 @@ import numpy as np
 import pytest
 
 from mmjax import configs
+from mmjax import evals
+from mmjax import tasks
 from mmjax.data import pipeline
+from mmjax.tasks import base
+from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import sharding
 from mmjax.train import trainer
 
+TARGET = np.arange(1.0, 5.0, dtype=np.float32)
 
-class LinearTask:
+
+class LinearTask(base.Task):
   """Least squares y = x·w on fixed random data: a task in a dozen lines."""
 
-  def __init__(self, config, mesh):
-    self.config, self.mesh = config, mesh
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 4)).astype(np.float32)
-    self.source = pipeline.ArraySource({"x": x, "y": x @ np.arange(1.0, 5.0, dtype=np.float32)})
+  def setup(self):
+    x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
+    self.train_source = pipeline.ArraySource({"x": x, "y": x @ TARGET})
 
-  def train_dataset(self, data_sharding):
-    return pipeline.train_dataset(self.source, global_batch_size=self.config.global_batch_size,
-                                  seed=self.config.seed, sharding=data_sharding,
-                                  preprocess=lambda b: {"x": b["x"], "y": b["y"]})
+  def train_preprocess(self, batch):
+    return {"x": batch["x"], "y": batch["y"]}
 
   def init(self, rng):
-    return {"w": jnp.zeros(4)}, {}
-
-  def weight_decay_mask(self, params):
-    return None
+    return {"w": jnp.zeros(4), "b": jax.random.normal(jax.random.PRNGKey(0), (64, 64))}, {}
 
   def loss(self, params, extras, batch, rng):
     err = batch["x"] @ params["w"] - batch["y"]
-    return jnp.mean(err ** 2), ({}, extras)
+    return jnp.mean(err ** 2) + 1e-3 * jnp.mean(params["b"] ** 2), ({}, extras)
 
-  def evaluate(self, state):
-    return {"eval/w_error": float(jnp.sum(jnp.abs(state.params["w"] - jnp.arange(1.0, 5.0))))}
+
+class WError:
+  """An evaluator of this test's own: |w - target|_1, and how often it ran."""
+
+  def __init__(self, task, scale: float = 1.0):
+    self.scale = scale
+    self.calls = 0
+
+  def run(self, params, extras):
+    self.calls += 1
+    return {"eval/w_error": self.scale * float(jnp.sum(jnp.abs(params["w"] - TARGET)))}
 
 
 def _config(**overrides):
@@ -49,6 +60,7 @@ def _config(**overrides):
   c.log_every_steps = 1
   c.eval_every_steps = 20
   c.checkpoint_every_steps = 5
+  c.evals.w = dict(type="test_trainer:WError")
   c.optimizer.name = "sgd"
   c.optimizer.b1 = 0.0
   c.optimizer.learning_rate = 0.05
@@ -57,20 +69,95 @@ def _config(**overrides):
   return c
 
 
+def _train(config, workdir, devices=None, task_cls=LinearTask):
+  mesh = sharding.make_mesh(devices)
+  return trainer.train_and_evaluate(config, str(workdir), task_cls(config, mesh), mesh)
+
+
 def test_loss_goes_down_and_eval_runs(tmp_path):
-  mesh = sharding.make_mesh()
-  final = trainer.train_and_evaluate(_config(), str(tmp_path), LinearTask(_config(), mesh), mesh)
+  final = _train(_config(), tmp_path)
   rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 41))
   assert rows[-1]["train/loss"] < 0.01 * rows[0]["train/loss"]
   assert final["eval/w_error"] < 0.2  # It starts at |0 - (1, 2, 3, 4)|_1 = 10.
 
 
+def test_each_evaluator_runs_at_its_own_cadence_and_at_the_end(tmp_path):
+  config = _config(num_train_steps=30)
+  config.evals.often = dict(type="test_trainer:WError", every_steps=7, scale=2.0)
+  _train(config, tmp_path)
+  rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  seen = lambda key: [r["step"] for r in rows if key in r]
+  assert seen("eval/w_error") == [7, 14, 20, 21, 28, 30]  # Both write eval/w_error...
+  by_step = {r["step"]: r for r in rows}
+  # ...the scaled one alone at 7, 14, 21, 28; the plain one alone at 20; both at the end
+  # (the later in config order wins the shared key).
+  assert by_step[7]["eval/w_error"] > 2.0
+
+
+def test_unknown_evaluator_type_or_field_is_a_clear_error(tmp_path):
+  config = _config()
+  config.evals.w = dict(type="accuracy")
+  with pytest.raises(ValueError, match=r"config.evals.w.type='accuracy'.*'classification'"):
+    _train(config, tmp_path)
+  config.evals.w = dict(type="test_trainer:WError", scael=2.0)
+  with pytest.raises(ValueError, match=r"config.evals.w: unknown field\(s\) \['scael'\]"):
+    _train(config, tmp_path)
+
+
+def test_eval_only_reproduces_the_last_evaluation(tmp_path):
+  final = _train(_config(num_train_steps=25), tmp_path)
+  mesh = sharding.make_mesh()
+  config = _config(num_train_steps=25)
+  again = trainer.evaluate_only(config, str(tmp_path), LinearTask(config, mesh), mesh)
+  assert again["eval/w_error"] == final["eval/w_error"]
+  row = metrics_lib.read_jsonl(tmp_path / "eval_only" / "metrics.jsonl")[-1]
+  assert row["step"] == 25 and row["eval/w_error"] == final["eval/w_error"]
+  # Training wrote nothing more.
+  assert metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 25
+
+
+def _dir_bytes(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_frozen_leaves_are_not_updated_and_have_no_optimizer_state(tmp_path):
+  sizes = {}
+  for frozen in ((), ("b",)):
+    config = _config(num_train_steps=10, frozen=frozen)
+    config.optimizer.name = "adam"
+    _train(config, tmp_path / str(len(frozen)), jax.devices()[:1])
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    task = LinearTask(config, mesh)
+    task.setup()
+    state, opt = trainer.create_train_state(config, task, mesh)
+    mngr = checkpoints.manager(str(tmp_path / str(len(frozen))), 3)
+    state = checkpoints.restore(mngr, 10, state)
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)  # Not counts.
+    initial = task.init(None)[0]["b"]
+    if frozen:
+      np.testing.assert_array_equal(state.params["b"], initial)  # Bit-identical.
+      assert opt.frozen == {"w": False, "b": True}
+      assert moments == 2 * 4  # Adam's mu and nu for w only.
+    else:
+      assert not np.array_equal(state.params["b"], initial)
+      assert moments == 2 * (4 + 64 * 64)
+    assert np.abs(state.params["w"]).sum() > 0
+    sizes[frozen] = _dir_bytes(tmp_path / str(len(frozen)) / "checkpoints" / "10")
+  # The two Adam moments of 4,096 float32 weights: 32 KiB (less compression).
+  assert sizes[()] - sizes[("b",)] > 20_000, sizes
+
+
+def test_a_frozen_pattern_that_matches_nothing_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match=r"config.frozen pattern 'vision/\.\*' matches no "
+                                       r"parameter.*top level: \['b', 'w'\]"):
+    _train(_config(frozen=("vision/.*",)), tmp_path)
+
+
 def test_same_losses_on_1_and_4_devices(tmp_path):
   losses = []
   for n in (1, 4):
-    mesh = sharding.make_mesh(jax.devices()[:n])
-    trainer.train_and_evaluate(_config(), str(tmp_path / str(n)), LinearTask(_config(), mesh), mesh)
+    _train(_config(), tmp_path / str(n), jax.devices()[:n])
     losses.append([r["train/loss"] for r in metrics_lib.read_jsonl(tmp_path / str(n) / "metrics.jsonl")])
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -78,9 +165,8 @@ def test_same_losses_on_1_and_4_devices(tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   config = _config(num_train_steps=200)
   config.optimizer.learning_rate = 30.0  # Diverges: |w| grows geometrically, then overflows.
-  mesh = sharding.make_mesh()
   with pytest.raises(FloatingPointError, match=r"at step \d+") as e:
-    trainer.train_and_evaluate(config, str(tmp_path), LinearTask(config, mesh), mesh)
+    _train(config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and max(saved) < bad_step
@@ -90,21 +176,37 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_batch_that_does_not_divide_the_devices_fails_before_compiling(tmp_path):
-  mesh = sharding.make_mesh(jax.devices()[:8])
-  config = _config(global_batch_size=20)
   with pytest.raises(ValueError, match="multiple of 8"):
-    trainer.train_and_evaluate(config, str(tmp_path), LinearTask(config, mesh), mesh)
+    _train(_config(global_batch_size=20), tmp_path, jax.devices()[:8])
 
 
 def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  config = _config(num_train_steps=5)
-  trainer.train_and_evaluate(config, str(tmp_path), LinearTask(config, mesh), mesh)
+  _train(_config(num_train_steps=5), tmp_path, jax.devices()[:1])
 
   class WiderTask(LinearTask):
     def init(self, rng):
-      return {"w": jnp.zeros(4), "extra": jnp.zeros(3)}, {}
+      params, extras = super().init(rng)
+      return {**params, "extra": jnp.zeros(3)}, extras
 
-  config = _config(num_train_steps=10)
   with pytest.raises(ValueError, match="does not fit this config"):
-    trainer.train_and_evaluate(config, str(tmp_path), WiderTask(config, mesh), mesh)
+    _train(_config(num_train_steps=10), tmp_path, jax.devices()[:1], WiderTask)
+
+
+def test_load_run_reads_another_runs_parameters_and_checks_its_task(tmp_path):
+  _train(_config(num_train_steps=5), tmp_path, jax.devices()[:1])
+  run = checkpoints.load_run(str(tmp_path), task="linear")
+  assert run.step == 5 and run.config["task"] == "linear"
+  assert run.params["w"].shape == (4,) and run.extras == {}
+  with pytest.raises(ValueError, match=r"config.clip_workdir=.* is a 'linear' run; a 'clip' "):
+    checkpoints.load_run(str(tmp_path), task="clip", field="clip_workdir")
+  with pytest.raises(FileNotFoundError, match=r"config.clip_workdir='.*nowhere' holds no run"):
+    checkpoints.load_run(str(tmp_path / "nowhere"), task="clip", field="clip_workdir")
+
+
+def test_unknown_task_lists_every_task():
+  config = _config(task="clasify")
+  with pytest.raises(ValueError) as e:
+    tasks.get_task(config, None)
+  for name in tasks.TASKS:
+    assert repr(name) in str(e.value)
+  assert len(tasks.TASKS) == 6

@@ -84,14 +84,18 @@ def test_vqa_vision_starts_from_a_clip_runs_image_tower(tmp_path):
   clip_params = _fake_clip_run(tmp_path)
   config = _vqa_config(f"smoke,clip_workdir={tmp_path}")
   assert config.model.vision_variant == "mu/4" and config.model.image_split == 2
+  assert config.frozen == ("vision/.*",)
   task = vqa_task.VqaTask(config, sharding.make_mesh())
+  task.setup()
   params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(params["vision"]), jax.tree.leaves(clip_params["image_tower"])):
     np.testing.assert_array_equal(a, b)
   config = _vqa_config(f"smoke,clip_workdir={tmp_path}")
   config.model.vision_variant = "mu/7"
+  task = vqa_task.VqaTask(config, sharding.make_mesh())
+  task.setup()
   with pytest.raises(ValueError, match="variant"):
-    jax.jit(vqa_task.VqaTask(config, sharding.make_mesh()).init)(jax.random.PRNGKey(0))
+    jax.jit(task.init)(jax.random.PRNGKey(0))
 
 
 def test_imagebert_regions_start_from_a_clip_runs_image_tower(tmp_path):
@@ -102,6 +106,7 @@ def test_imagebert_regions_start_from_a_clip_runs_image_tower(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config(f"smoke,clip_workdir={tmp_path}")
   task = imagebert_task.ImageBertTask(config, sharding.make_mesh())
+  task.setup()
   assert task.model.max_len == 2 + 4 + config.max_text_len  # One token per grid cell.
   params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(params["vision"]), jax.tree.leaves(clip_params["image_tower"])):

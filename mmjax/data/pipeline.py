@@ -229,6 +229,15 @@ def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch]
   return ds[sharding.process_index::sharding.process_count].map(read)
 
 
+# Mean and standard deviation of the training pixels in [0, 1], per dataset.
+NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+
+
+def normalisation(dataset_name: str) -> tuple[float, float]:
+  """(mean, std) of a dataset's pixels in [0, 1]; (0.5, 0.5) for one not listed."""
+  return NORMALISATION.get(dataset_name, (0.5, 0.5))
+
+
 def normalize_images(images: np.ndarray, mean: float, std: float) -> np.ndarray:
   """uint8 images [b, h, w, c] -> float32 (x / 255 - mean) / std, same shape.
 

@@ -138,6 +138,9 @@ def train_grids(batch: dict, source, seed: int) -> tuple[np.ndarray, np.ndarray]
   return compose_grid(images), labels
 
 
+EVAL_GRID_SEED = 0  # Evaluation grids are the same whatever the run's seed.
+
+
 class GridSource:
   """A fixed set of `num_grids` grids composed from `source` (e.g. the test split).
 

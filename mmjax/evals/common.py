@@ -1,9 +1,29 @@
-"""Evaluation over a whole split: per-batch sums, accumulated, divided once."""
+"""Evaluation over a whole split: batches, per-batch sums accumulated, divided once."""
 from typing import Callable
 
 import jax
 
+from mmjax.data import pipeline
 from mmjax.train import sharding as sharding_lib
+
+
+def check_eval_batch(batch_size: int, mesh) -> int:
+  """`batch_size`, after checking that it splits over the mesh (ValueError if not)."""
+  sharding_lib.check_batch_size(batch_size, mesh, "eval_batch_size")
+  return batch_size
+
+
+def eval_batches(source, batch_size: int, preprocess: Callable):
+  """This process's part of every global batch of `source`, once, with a `mask`."""
+  return pipeline.eval_dataset(
+      source, global_batch_size=batch_size, preprocess=preprocess,
+      sharding=pipeline.Sharding(jax.process_index(), jax.process_count()))
+
+
+def global_batches(dataset, mesh):
+  """Each local batch of an eval dataset as a global batch sharded over `mesh`."""
+  for local in dataset:
+    yield sharding_lib.global_batch(local, mesh)
 
 
 def sum_over_batches(batch_sums: Callable, dataset, mesh) -> dict[str, float]:
@@ -13,8 +33,8 @@ def sum_over_batches(batch_sums: Callable, dataset, mesh) -> dict[str, float]:
   returns the totals over the whole split, the same on every process.
   """
   totals = None
-  for local in dataset:
-    sums = batch_sums(sharding_lib.global_batch(local, mesh))
+  for batch in global_batches(dataset, mesh):
+    sums = batch_sums(batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return {k: float(v) for k, v in jax.device_get(totals).items()}
 

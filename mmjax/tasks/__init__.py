@@ -1,25 +1,21 @@
-"""Tasks: what differs per experiment (model, data, loss, evaluation)."""
+"""Tasks: what differs per experiment (model, data, loss); `base.Task` is the interface."""
+import importlib
+
+# config.task -> "module:class", imported only when used.
+TASKS = {
+    "classify": "mmjax.tasks.classify:ClassifyTask",
+    "clip": "mmjax.tasks.clip:ClipTask",
+    "autoencoder": "mmjax.tasks.ldm:AutoencoderTask",
+    "ldm": "mmjax.tasks.ldm:LatentDiffusionTask",
+    "vqa": "mmjax.tasks.vqa:VqaTask",
+    "imagebert": "mmjax.tasks.imagebert:ImageBertTask",
+}
 
 
 def get_task(config, mesh):
-  """The task named by `config.task`, built for `mesh`."""
-  if config.task == "classify":
-    from mmjax.tasks import classify
-    return classify.ClassifyTask(config, mesh)
-  if config.task == "clip":
-    from mmjax.tasks import clip
-    return clip.ClipTask(config, mesh)
-  if config.task == "autoencoder":
-    from mmjax.tasks import ldm
-    return ldm.AutoencoderTask(config, mesh)
-  if config.task == "ldm":
-    from mmjax.tasks import ldm
-    return ldm.LatentDiffusionTask(config, mesh)
-  if config.task == "vqa":
-    from mmjax.tasks import vqa
-    return vqa.VqaTask(config, mesh)
-  if config.task == "imagebert":
-    from mmjax.tasks import imagebert
-    return imagebert.ImageBertTask(config, mesh)
-  raise ValueError(f"config.task={config.task!r}: known tasks are 'classify', 'clip', "
-                   f"'autoencoder' and 'ldm'.")
+  """The task named by `config.task`, built for `mesh` (cheap: `setup()` is not called)."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: known tasks are "
+                     f"{', '.join(repr(t) for t in sorted(TASKS))}.")
+  module, _, name = TASKS[config.task].partition(":")
+  return getattr(importlib.import_module(module), name)(config, mesh)

@@ -11,16 +11,14 @@ ITM examples never contain [MASK], so the mask cannot give the answer away.
 
 With a ViT for region features (`config.model.vision_variant`), the ViT starts at random
 or from a CLIP run's image tower (`config.clip_workdir`), as in the VQA task;
-`config.freeze_vision` keeps it as loaded (as ImageBERT keeps its detector fixed).
+`config.frozen = ("vision/.*",)` keeps it as loaded (as ImageBERT keeps its detector
+fixed).
 
-Evaluation on `num_eval_grids` test-split grids: ITM accuracy with own and mismatched
-captions alternating, and MLM accuracy on the own captions, masked by a fixed hash.
+Evaluated by `evals.itm` on fixed test-split grids (ITM accuracy with own and
+mismatched captions alternating, MLM accuracy on the own captions, masked by a fixed
+hash), through `eval_preprocess` and `predict`.
 """
-import functools
-
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -29,25 +27,19 @@ from mmjax.data import captions
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import vqa
-from mmjax.evals import common
 from mmjax.models import imagebert
 from mmjax.models import vlm
-from mmjax.tasks.classify import NORMALISATION
-from mmjax.tasks.vqa import load_clip_image_tower
-from mmjax.train import sharding as sharding_lib
+from mmjax.tasks import base
 
-EVAL_GRID_SEED = 0  # The evaluation grids are the same whatever the run's seed.
 _MLM_CHOICE = 101  # Hash stream: is a training example an MLM one?
 
 
-class ImageBertTask:
+class ImageBertTask(base.Task):
   """Trains `imagebert.ImageBERT` with ITM and MLM on grids of four images."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
     captions.check_dataset(config.dataset.name)
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    self.config = config
-    self.mesh = mesh
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     longest = max(self.class_names, key=lambda n: len(vqa.article(n)))
     need = len(vqa.caption([longest] * 4).encode("utf-8")) + 2  # + BOS, EOS.
@@ -55,19 +47,20 @@ class ImageBertTask:
       raise ValueError(f"config.max_text_len={config.max_text_len}: {config.dataset.name} "
                        f"captions need {need}.")
     self.tokenizer = tokenizer_lib.ByteTokenizer(config.max_text_len)
-    model = imagebert.ImageBERT(**config.model.to_dict())
-    self.model = model.clone(max_len=2 + model.num_image_tokens(56, 56) + config.max_text_len)
-    if (config.clip_workdir or config.freeze_vision) and model.vision_variant is None:
-      raise ValueError("config.clip_workdir and config.freeze_vision need a ViT: set "
-                       "config.model.vision_variant (e.g. 'mu/4', the CLIP run's variant).")
-    self.mean, self.std = NORMALISATION.get(config.dataset.name, (0.5, 0.5))
-    self.train_source = pipeline.load_source(config.dataset, config.dataset.train_split)
-    self.eval_source = vqa.GridSource(
-        pipeline.load_source(config.dataset, config.dataset.eval_split),
-        config.num_eval_grids, seed=EVAL_GRID_SEED)
-    self.vision_params = (load_clip_image_tower(config.clip_workdir)
-                          if config.clip_workdir else None)
-    self._eval_sums = jax.jit(self._batch_sums)
+    self.model = imagebert.ImageBERT(**config.model.to_dict())
+    if config.clip_workdir and self.model.vision_variant is None:
+      raise ValueError("config.clip_workdir needs a ViT: set config.model.vision_variant "
+                       "(e.g. 'mu/4', the CLIP run's variant).")
+    self.mean, self.std = pipeline.normalisation(config.dataset.name)
+
+  def setup(self):
+    c = self.config
+    self.train_source = pipeline.load_source(c.dataset, c.dataset.train_split)
+    cell = base.image_shape(self.train_source)
+    self.image_shape = (2 * cell[0], 2 * cell[1], cell[2])  # A 2x2 grid of cells.
+    n_image = self.model.num_image_tokens(*self.image_shape[:2])
+    self.model = self.model.clone(max_len=2 + n_image + c.max_text_len)
+    self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
 
   # Data.
   def _mask(self, tokens, keys, rows):
@@ -75,7 +68,7 @@ class ImageBertTask:
     masked = vqa.mlm_mask(tokens, keys, self.config.seed, self.config.mlm_rate) & rows[:, None]
     return np.where(masked, imagebert.MASK, tokens).astype(np.int32), masked.astype(np.float32)
 
-  def _train_preprocess(self, batch):
+  def train_preprocess(self, batch):
     c = self.config
     keys = batch["position"]
     images, labels = vqa.train_grids(batch, self.train_source, c.seed)
@@ -89,7 +82,9 @@ class ImageBertTask:
     return {"image": image, "tokens": tokens, "targets": targets, "match": match,
             "itm_weight": (~is_mlm).astype(np.float32), "mlm_weight": mlm_weight}
 
-  def _eval_preprocess(self, batch):
+  def eval_preprocess(self, batch):
+    """Grids -> own captions (even positions) and mismatched ones (odd), and the own
+    captions masked for MLM ("mlm_tokens", "mlm_weight")."""
     keys = batch["position"]
     own = keys % 2 == 0
     texts, match = vqa.matching_captions(batch["labels"], keys, self.config.seed,
@@ -100,30 +95,17 @@ class ImageBertTask:
     return {"image": image, "tokens": tokens, "targets": tokens, "match": match,
             "mlm_tokens": mlm_tokens, "mlm_weight": mlm_weight}
 
-  def train_dataset(self, sharding: pipeline.Sharding):
-    return pipeline.train_dataset(
-        self.train_source, global_batch_size=self.config.global_batch_size,
-        seed=self.config.seed, sharding=sharding, preprocess=self._train_preprocess)
-
   # Model and loss.
   def init(self, rng):
-    image = jnp.zeros((1, 56, 56, 1), jnp.float32)
+    image = jnp.zeros((1, *self.image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.config.max_text_len), jnp.int32)
     params = self.model.init(rng, image, tokens)["params"]
     if self.vision_params is not None:
       params = vlm.with_vision_params(params, self.vision_params)
     return params, {}
 
-  def weight_decay_mask(self, params):
-    mask = jax.tree.map(lambda x: x.ndim >= 2, params)
-    if self.config.freeze_vision:
-      mask["vision"] = jax.tree.map(lambda _: False, mask["vision"])
-    return mask
-
   def loss(self, params, extras, batch, rng):
-    if self.config.freeze_vision:
-      params = {**params, "vision": jax.lax.stop_gradient(params["vision"])}
-    out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = self.predict(params, extras, batch["image"], batch["tokens"])
     itm_w, mlm_w = batch["itm_weight"], batch["mlm_weight"]
     itm = optax.sigmoid_binary_cross_entropy(out["itm_logit"], batch["match"])
     itm_loss = jnp.sum(itm * itm_w) / jnp.maximum(jnp.sum(itm_w), 1.0)
@@ -137,27 +119,7 @@ class ImageBertTask:
         "train/mlm_accuracy": jnp.sum(mlm_correct * mlm_w) / jnp.maximum(jnp.sum(mlm_w), 1.0)}
     return itm_loss + self.config.mlm_loss_weight * mlm_loss, (metrics, extras)
 
-  # Evaluation.
-  def _batch_sums(self, params, batch):
-    variables = {"params": params}
-    mask = batch["mask"]
-    logit = self.model.apply(variables, batch["image"], batch["tokens"])["itm_logit"]
-    itm_correct = ((logit > 0) == (batch["match"] > 0)).astype(jnp.float32)
-    itm = optax.sigmoid_binary_cross_entropy(logit, batch["match"])
-    mlm_logits = self.model.apply(variables, batch["image"], batch["mlm_tokens"])["mlm_logits"]
-    mlm_w = batch["mlm_weight"] * mask[:, None]
-    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["targets"]).astype(jnp.float32)
-    return {"itm_correct": jnp.sum(itm_correct * mask), "itm_loss": jnp.sum(itm * mask),
-            "count": jnp.sum(mask), "mlm_correct": jnp.sum(mlm_correct * mlm_w),
-            "mlm_count": jnp.sum(mlm_w)}
-
-  def evaluate(self, state) -> dict[str, float]:
-    dataset = pipeline.eval_dataset(
-        self.eval_source, global_batch_size=self.config.eval_batch_size,
-        sharding=pipeline.Sharding(jax.process_index(), jax.process_count()),
-        preprocess=self._eval_preprocess)
-    t = common.sum_over_batches(functools.partial(self._eval_sums, state.params), dataset,
-                                self.mesh)
-    return {"eval/itm_accuracy": t["itm_correct"] / t["count"],
-            "eval/itm_loss": t["itm_loss"] / t["count"],
-            "eval/mlm_accuracy": t["mlm_correct"] / max(t["mlm_count"], 1.0)}
+  # What the evaluators call.
+  def predict(self, params, extras, images, tokens):
+    """images [b, H, W, C], tokens [b, T] -> {"itm_logit": [b], "mlm_logits": [b, T, V]}."""
+    return self.model.apply({"params": params}, images, tokens)

@@ -1,6 +1,17 @@
-"""Optimisers and learning-rate schedules from the config's `optimizer` section."""
+"""Optimisers, learning-rate schedules and frozen parameters, from the config."""
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
 import ml_collections
 import optax
+
+
+class Optimizer(NamedTuple):
+  """What the train step needs of the optimizer."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  frozen: Any  # Pytree of bools like the parameters: True = frozen.
 
 
 def make_schedule(c: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -16,8 +27,38 @@ def make_schedule(c: ml_collections.ConfigDict, num_train_steps: int) -> optax.S
   raise ValueError(f"config.optimizer.schedule={c.schedule!r}: use 'cosine' or 'constant'.")
 
 
-def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int, weight_decay_mask=None):
-  """Returns (optax transformation, schedule). `c.name` is "adam", "adamw" or "sgd"."""
+def parameter_paths(params) -> list[str]:
+  """"a/b/kernel"-style paths of every leaf, in tree order."""
+  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def frozen_mask(params, patterns) -> object:
+  """Pytree of bools like `params`: True where a leaf's path fully matches a pattern.
+
+  Patterns are regular expressions over "/"-joined paths ("vision/.*",
+  "text_tower/encoder/block0/.*"). A pattern that matches nothing is an error: a typo
+  must not leave a tower silently trained.
+  """
+  patterns = tuple(patterns or ())
+  paths = parameter_paths(params)
+  for p in patterns:
+    if not any(re.fullmatch(p, path) for path in paths):
+      tops = sorted({path.split("/")[0] for path in paths})
+      raise ValueError(f"config.frozen pattern {p!r} matches no parameter; parameter paths "
+                       f"look like {paths[0]!r} (top level: {tops}).")
+  flags = [any(re.fullmatch(p, path) for p in patterns) for path in paths]
+  return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
+                   weight_decay_mask: Callable | None = None, frozen=None):
+  """Returns (optax transformation, schedule). `c.name` is "adam", "adamw" or "sgd".
+
+  `weight_decay_mask(params) -> bools` picks what AdamW decays. `frozen`, a pytree of
+  bools like the parameters (see `frozen_mask`), marks leaves that get no update, no
+  optimizer state (no Adam moments) and no weight decay; clipping ignores them.
+  """
   schedule = make_schedule(c, num_train_steps)
   if c.name == "adam":
     tx = optax.adam(schedule, b1=c.b1, b2=c.b2)
@@ -30,4 +71,7 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int, weight_de
     raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
   if c.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+  if frozen is not None and any(jax.tree.leaves(frozen)):
+    labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

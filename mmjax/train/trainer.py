@@ -1,21 +1,15 @@
 """The one generic trainer: data-parallel training, evaluation, checkpoints, metrics.
 
-What differs between experiments lives in a *task* (see `mmjax/tasks/`), which the
-trainer uses through these members and nothing else:
-
-  task.train_dataset(sharding)          -> grain.IterDataset of this process's batches
-  task.init(rng)                        -> (params, extras)
-  task.loss(params, extras, batch, rng) -> (loss, (metrics, new_extras))
-  task.evaluate(state)                  -> {"eval/...": float}    (every process calls it)
-  task.weight_decay_mask(params)        -> pytree of bools, or None
-  task.after_update(state)              -> state (optional: EMA and the like)
-
-`evaluate` may also return images, uint8 arrays [n, height, width, channels]: they go
-to TensorBoard and to `<workdir>/images/<name>_<step>.png` (n images side by side).
+What differs between experiments lives in a *task* (`mmjax/tasks/base.py` lists every
+member the trainer uses) and in *evaluators* (`mmjax/evals`, declared in
+`config.evals`). Evaluators return scalars and images, uint8 arrays [n, height,
+width, channels]: images go to TensorBoard and to `<workdir>/images/<name>_<step>.png`
+(n images side by side).
 
 The train step is one `jax.jit` over a mesh of every device of every process:
 parameters and optimizer state replicated, the batch split along the `data` axis,
-the state donated. The same config gives the same losses on any number of devices.
+the state donated. Parameters matching `config.frozen` get no gradient, no update and
+no optimizer state. The same config gives the same losses on any number of devices.
 """
 import logging
 import os
@@ -30,12 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import PIL.Image
 from clu import periodic_actions
 
-import grain
+from mmjax import evals
 from mmjax.data import pipeline
+from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
 from mmjax.train import sharding as sharding_lib
@@ -72,61 +66,51 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _make_train_step(task, tx, schedule):
+def _make_train_step(task, opt: optim.Optimizer):
   """The update for one global batch: (state, batch) -> (state, metrics)."""
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
+      # Frozen leaves are constants here: no backward pass through what only they need.
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                            opt.frozen)
       return task.loss(params, state.extras, batch, rng)
 
     (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              extras=extras)
-    if hasattr(task, "after_update"):
-      new_state = task.after_update(new_state)
-    metrics = {"train/loss": loss, "train/learning_rate": schedule(state.step),
+    new_state = task.after_update(state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, extras=extras))
+    metrics = {"train/loss": loss, "train/learning_rate": opt.schedule(state.step),
                "train/grad_norm": optax.tree.norm(grads), **metrics}
     return new_state, metrics
 
   return train_step
 
 
-def create_train_state(config, task, mesh):
-  """Returns (state replicated over `mesh`, optax transformation, lr schedule)."""
+def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]:
+  """Returns (state replicated over `mesh`, the optimizer). `task.setup()` must have run."""
   params, extras = jax.jit(task.init)(jax.random.PRNGKey(config.seed))
+  frozen = optim.frozen_mask(params, config.get("frozen", ()))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
-                                      task.weight_decay_mask(params))
+                                      task.weight_decay_mask, frozen)
 
   def init_state(params, extras):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
 
   state = jax.jit(init_state, out_shardings=sharding_lib.replicated(mesh))(params, extras)
-  return state, tx, schedule
+  return state, optim.Optimizer(tx, schedule, frozen)
 
 
-def jit_train_step(task, tx, schedule, mesh):
+def jit_train_step(task, opt: optim.Optimizer, mesh):
   """The jitted train step: state replicated and donated, batch split along `data`."""
   repl = sharding_lib.replicated(mesh)
-  return jax.jit(_make_train_step(task, tx, schedule),
+  return jax.jit(_make_train_step(task, opt),
                  in_shardings=(repl, sharding_lib.batch_sharded(mesh)),
                  out_shardings=(repl, repl), donate_argnums=0)
-
-
-def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           save_interval_steps=1))
-
-
-def _save(mngr, step: int, state: TrainState, train_iter):
-  mngr.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
 
 
 def _check_finite(rows: list[tuple[int, dict]], mngr):
@@ -150,31 +134,18 @@ def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]
     PIL.Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).save(path)
 
 
-def restore_state(workdir: str, step: int | None = None) -> dict:
-  """The train state saved in another run's workdir, as a dict of host-local arrays.
-
-  For a later stage that reads an earlier one (a diffusion model its autoencoder, a
-  sampler its judge): {"params", "extras", "opt_state", "step", "rng"} of the latest
-  (or the given) checkpoint, placed on this process's first device whatever the
-  device layout it was saved from.
-  """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mngr = ocp.CheckpointManager(directory)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {directory}: train that run first (or fix the "
-                            f"workdir in the config).")
-  path = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          metadata)
-  state = checkpointer.restore(path, abstract)
-  checkpointer.close()
-  mngr.close()
-  return state
+def _evaluate(scheduled: list[evals.Scheduled], state: TrainState, writer, workdir: str,
+              step: int) -> dict[str, float]:
+  """Runs the given evaluators; writes their images; returns their scalars."""
+  scalars, images = {}, {}
+  t = time.monotonic()
+  for s in scheduled:
+    for k, v in s.evaluator.run(state.params, state.extras).items():
+      (images if np.ndim(v) == 4 else scalars)[k] = v
+  if images and jax.process_index() == 0:
+    _write_images(writer, workdir, step, images)
+  scalars["eval/seconds"] = time.monotonic() - t
+  return scalars
 
 
 def _mean_rows(rows: list[tuple[int, dict]]) -> dict[str, float]:
@@ -189,6 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   """
   sharding_lib.check_batch_size(config.global_batch_size, mesh)
   is_main = jax.process_index() == 0
+  task.setup()
+  evaluators = evals.build(config, task)
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -198,33 +171,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   data_sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
   train_iter = iter(task.train_dataset(data_sharding))
 
-  state, tx, schedule = create_train_state(config, task, mesh)
+  state, opt = create_train_state(config, task, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Parameters: %d. Devices: %d over %d process(es).", n_params,
-               mesh.devices.size, jax.process_count())
+  n_frozen = sum(x.size for x, f in zip(jax.tree.leaves(state.params),
+                                        jax.tree.leaves(opt.frozen)) if f)
+  logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es).", n_params,
+               n_frozen, mesh.devices.size, jax.process_count())
 
   # Resume from the last checkpoint of this workdir, if any.
-  mngr = _checkpoint_manager(workdir, config)
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   if (latest := mngr.latest_step()) is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      restored = mngr.restore(latest, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(train_iter)))
-    except ValueError as e:
-      raise ValueError(
-          f"The checkpoint at step {latest} in {mngr.directory} does not fit this config's "
-          f"model and optimizer (was it written by another experiment?). Use a new "
-          f"--workdir, or the config that wrote it.") from e
-    state = restored.state
+    state = checkpoints.restore(mngr, latest, state, train_iter)
     logging.info("Resumed from step %d in %s", latest, mngr.directory)
     if is_main:
       metrics_lib.truncate_jsonl(jsonl, latest)
   start = int(state.step)
 
   writer = metrics_lib.create_writer(workdir, is_main)
-  train_step = jit_train_step(task, tx, schedule, mesh)
+  train_step = jit_train_step(task, opt, mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              every_secs=30)
 
@@ -241,9 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
       is_last = step == config.num_train_steps
       preempted = sigterm.received or mngr.reached_preemption(step)
       do_log = step % config.log_every_steps == 0 or is_last
-      do_eval = step % config.eval_every_steps == 0 or is_last
+      due = [s for s in evaluators if s.due(step, is_last)]
       do_ckpt = step % config.checkpoint_every_steps == 0 or is_last or preempted
-      if not (do_log or do_eval or do_ckpt):
+      if not (do_log or due or do_ckpt):
         continue
 
       # Fetch the metrics of the steps since the last flush; stop on NaN/Inf
@@ -252,23 +217,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
       pending.clear()
       _check_finite(rows, mngr)
       if do_ckpt:
-        _save(mngr, step, state, train_iter)
+        checkpoints.save(mngr, step, state, train_iter)
       scalars = {}
       if do_log:
         now = time.monotonic()
         scalars.update(_mean_rows(rows))
         scalars["train/steps_per_sec"] = (step - last_log[0]) / (now - last_log[1])
         last_log = (step, now)
-      if do_eval:
-        t = time.monotonic()
-        results = task.evaluate(state)
-        images = {k: v for k, v in results.items() if np.ndim(v) == 4}
-        scalars.update({k: v for k, v in results.items() if k not in images})
-        if images and is_main:
-          _write_images(writer, workdir, step, images)
-        scalars["eval/seconds"] = time.monotonic() - t
+      if due:
+        scalars.update(_evaluate(due, state, writer, workdir, step))
         last_log = (last_log[0], last_log[1] + scalars["eval/seconds"])
-      if do_log or do_eval:
+      if do_log or due:
         writer.write_scalars(step, scalars)
         written = scalars
       if preempted and not is_last:
@@ -279,3 +238,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   mngr.close()
   writer.flush()
   return written
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
+                  mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Runs every evaluator of `config.evals` on the latest checkpoint of `workdir`.
+
+  Trains nothing. Metrics and images are written as a training run writes them, into
+  `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events, images/), at the
+  checkpoint's step. Returns the metrics.
+  """
+  task.setup()
+  evaluators = evals.build(config, task)
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
+                            f"(the same command without --eval_only).")
+  state, _ = create_train_state(config, task, mesh)
+  state = checkpoints.restore(mngr, step, state)
+  mngr.close()
+  out_dir = os.path.join(workdir, "eval_only")
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
+  writer = metrics_lib.create_writer(out_dir, is_main)
+  scalars = _evaluate(evaluators, state, writer, out_dir, step)
+  writer.write_scalars(step, scalars)
+  writer.flush()
+  logging.info("Evaluated the checkpoint at step %d of %s.", step, workdir)
+  return scalars

@@ -1,0 +1,50 @@
+"""Zero-shot classification and cross-modal retrieval of a joint embedding model."""
+import functools
+
+import jax
+import numpy as np
+
+from mmjax.data import pipeline
+from mmjax.evals import common
+from mmjax.evals import retrieval
+from mmjax.train import sharding as sharding_lib
+
+
+class ZeroShotRetrieval:
+  """eval/zeroshot_top1 and eval/{i2t,t2i}_recall@{1,5,10} over a whole split.
+
+  Calls `task.embed(params, extras, batch) -> (image_emb [b, d], text_emb [b, d])` on
+  batches made by `task.eval_preprocess` ("image", "tokens", "label"), and
+  `task.class_text_embeddings(params, extras) -> [classes, templates, d]`. An item
+  is relevant to a query when their labels are equal (see `retrieval.recall_at_k`).
+  """
+
+  def __init__(self, task, split: str | None = None, batch_size: int | None = None):
+    c = task.config
+    self.task = task
+    self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
+    self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
+    self._embed = jax.jit(self._embed_batch,
+                          out_shardings=sharding_lib.replicated(task.mesh))
+
+  def _embed_batch(self, params, extras, batch):
+    image_emb, text_emb = self.task.embed(params, extras, batch)
+    return image_emb, text_emb, batch["label"], batch["mask"]
+
+  def run(self, params, extras) -> dict[str, float]:
+    dataset = common.eval_batches(self.source, self.batch_size, self.task.eval_preprocess)
+    embed = functools.partial(self._embed, params, extras)
+    images, texts, labels = [], [], []
+    for batch in common.global_batches(dataset, self.task.mesh):
+      image_emb, text_emb, label, mask = map(np.asarray, embed(batch))
+      images.append(image_emb[mask > 0])
+      texts.append(text_emb[mask > 0])
+      labels.append(label[mask > 0])
+    images, texts, labels = map(np.concatenate, (images, texts, labels))
+
+    class_emb = retrieval.class_embeddings(self.task.class_text_embeddings(params, extras))
+    metrics = {"eval/zeroshot_top1": retrieval.zeroshot_top1(images, class_emb, labels)}
+    for name, (q, items) in {"i2t": (images, texts), "t2i": (texts, images)}.items():
+      for k, r in retrieval.recall_at_k(q, items, labels, labels).items():
+        metrics[f"eval/{name}_recall@{k}"] = r
+    return metrics

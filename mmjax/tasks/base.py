@@ -1,0 +1,75 @@
+"""The task interface: everything the trainer uses of an experiment, and nothing else.
+
+A task binds a model to its data and its loss. The trainer drives it in this order:
+
+  task = tasks.get_task(config, mesh)   # cheap: reads and checks the config, builds modules
+  task.setup()                          # once: opens data, reads earlier runs, pre-encodes
+  task.train_dataset(sharding)          -> grain.IterDataset of this process's batches
+  task.init(rng)                        -> (params, extras)
+  task.loss(params, extras, batch, rng) -> (loss, (metrics, new_extras))   (inside jit)
+  task.after_update(state)              -> state (EMA and the like; identity by default)
+  task.weight_decay_mask(params)        -> pytree of bools (default: leaves with ndim >= 2)
+
+What is frozen is not the task's business: `config.frozen` (regexes over parameter
+paths such as "vision/.*") is applied by the trainer and the optimizer. Evaluation
+is not either: evaluators (`mmjax/evals`, declared in `config.evals`) call the
+prediction methods a task offers (`logits`, `embed`, `generate`, ...), each
+documented by the evaluator that uses it.
+
+`extras` is task-owned state that is not trained by the optimizer (an EMA of the
+weights); it is checkpointed with the rest. A loss's metrics are named "train/...".
+"""
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax.data import pipeline
+from mmjax.train import checkpoints
+
+def image_shape(source, key: str = "image") -> tuple[int, ...]:
+  """[height, width, channels] of a source's images, read from its first example."""
+  return tuple(np.shape(source[0][key]))
+
+
+def clip_image_tower(workdir: str, field: str = "clip_workdir"):
+  """The ViT parameters ("image_tower") of the CLIP run in `workdir`, on the host."""
+  return jax.device_get(checkpoints.load_run(workdir, task="clip", field=field)
+                        .params["image_tower"])
+
+
+class Task:
+  """Defaults for the members above; an experiment's task overrides what it needs.
+
+  Subclasses set `self.train_source` in `setup` and define `train_preprocess(batch)`
+  (NumPy batch of examples plus "position" -> the batch the loss reads) to use the
+  default `train_dataset`.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.config = config
+    self.mesh = mesh
+
+  def setup(self) -> None:
+    """Expensive set-up, called once by the trainer before anything else."""
+
+  def train_dataset(self, sharding: pipeline.Sharding):
+    return pipeline.train_dataset(
+        self.train_source, global_batch_size=self.config.global_batch_size,
+        seed=self.config.seed, sharding=sharding, preprocess=self.train_preprocess)
+
+  def train_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+    raise NotImplementedError(f"{type(self).__name__} must define train_preprocess or "
+                              f"train_dataset.")
+
+  def init(self, rng: jax.Array):
+    raise NotImplementedError
+
+  def loss(self, params, extras, batch, rng):
+    raise NotImplementedError
+
+  def after_update(self, state):
+    return state
+
+  def weight_decay_mask(self, params):
+    """Decay matrices, kernels and embeddings; not biases, norms or scalars."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
