@@ -5,6 +5,8 @@ import pytest
 
 import launch_helpers as lh
 
+pytestmark = pytest.mark.slow  # Runs on the prepared MNIST copy.
+
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 def test_clip_smoke_run(tmp_path, loss):

@@ -13,6 +13,8 @@ import pytest
 import launch_helpers as lh
 
 SMOKE = "experiments/mnist_lenet.py:smoke"
+
+pytestmark = pytest.mark.slow  # Every test here runs on the prepared MNIST copy.
 # A few more steps than the smoke run, with checkpoints every 10 steps.
 LONGER = ("num_train_steps=300", "checkpoint_every_steps=10", "eval_every_steps=150",
           "log_every_steps=10")
@@ -69,6 +71,19 @@ def test_two_processes_match_one_process(smoke_runs):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{k} at {a['step']}")
   assert lh.checkpoint_steps(smoke_runs / "2x2") == [10, 20]
+
+
+def test_eval_only_reproduces_the_smoke_runs_last_evaluation(smoke_runs):
+  workdir = smoke_runs / "4"
+  lh.run(SMOKE, workdir, devices=4, extra=["--eval_only"])
+  last = lh.metrics(workdir)[-1]
+  again = lh.metrics(workdir / "eval_only")[-1]
+  assert again["step"] == last["step"] == 20
+  evals = {k for k in last if k.startswith("eval/") and k != "eval/seconds"}
+  assert evals == {"eval/loss", "eval/accuracy"}
+  for k in evals:
+    assert again[k] == last[k], k
+  assert lh.metrics(workdir)[-1] == last  # Nothing trained, nothing appended.
 
 
 def _wait_for_checkpoint(proc, workdir, timeout=240):

@@ -48,6 +48,7 @@ def test_position_uniform_is_reproducible_and_uniform():
   assert np.mean(u < 0.1) == pytest.approx(0.1, abs=0.005)
 
 
+@pytest.mark.slow
 def test_diffusion_stage_without_an_autoencoder_fails_with_the_command(tmp_path):
   proc = lh.run("experiments/ldm_mnist.py:smoke,stage=diffusion", tmp_path / "ldm",
                 f"autoencoder_workdir={tmp_path / 'missing'}", check=False, timeout=120)
@@ -55,6 +56,7 @@ def test_diffusion_stage_without_an_autoencoder_fails_with_the_command(tmp_path)
   assert "autoencoder_workdir" in proc.stderr and "Train that run first" in proc.stderr
 
 
+@pytest.mark.slow
 def test_both_stages_smoke_run(tmp_path):
   """LeNet judge, autoencoder, then diffusion reading both, data-parallel on 2 fake devices.
 

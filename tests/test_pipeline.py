@@ -88,6 +88,7 @@ def test_batch_not_divisible_by_processes():
                            sharding=pipeline.Sharding(0, 3))
 
 
+@pytest.mark.slow
 def test_mnist_from_tfds_is_decoded_once_and_cached(tmp_path):
   src = pipeline.decoded_source("mnist", "test", cache_dir=str(tmp_path))
   assert len(src) == 10_000
@@ -104,6 +105,7 @@ def test_mnist_from_tfds_is_decoded_once_and_cached(tmp_path):
   np.testing.assert_array_equal(raw[1234]["image"], src.arrays["image"][1234])
 
 
+@pytest.mark.slow
 def test_two_copies_of_a_dataset_get_their_own_cache_entries(tmp_path):
   raw = pipeline.tfds_source("mnist", "test")
   copy = tmp_path / "tfds" / "mnist"

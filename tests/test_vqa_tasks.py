@@ -1,5 +1,6 @@
 """The VQA and ImageBERT experiments end to end (smoke runs on 8 fake devices), CLIP init."""
 import importlib.util
+import json
 import subprocess
 
 import jax
@@ -14,6 +15,8 @@ from mmjax.tasks import imagebert as imagebert_task
 from mmjax.tasks import vqa as vqa_task
 from mmjax.train import sharding
 from mmjax.train import trainer
+
+pytestmark = pytest.mark.slow  # Every test here runs on the prepared MNIST copy.
 
 RUNS = {"vqa": "experiments/vqa_mnist.py:smoke", "imagebert": "experiments/imagebert_mnist.py:smoke"}
 
@@ -70,6 +73,7 @@ def _fake_clip_run(workdir):
   mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   mngr.wait_until_finished()
   mngr.close()
+  (workdir / "config.json").write_text(json.dumps({"task": "clip"}))
   return params
 
 

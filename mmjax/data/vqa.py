@@ -90,6 +90,12 @@ def caption(names: list[str]) -> str:
   return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def grid_shape(cell_shape) -> tuple[int, int, int]:
+  """[h, w, c] of a cell -> [2h, 2w, c] of the 2x2 grid."""
+  h, w, c = cell_shape
+  return (2 * h, 2 * w, c)
+
+
 def compose_grid(cells: np.ndarray) -> np.ndarray:
   """[batch, 4, h, w, c] in reading order -> [batch, 2h, 2w, c]."""
   b, n, h, w, c = cells.shape

@@ -40,9 +40,9 @@ def clip_image_tower(workdir: str, field: str = "clip_workdir"):
 class Task:
   """Defaults for the members above; an experiment's task overrides what it needs.
 
-  Subclasses set `self.train_source` in `setup` and define `train_preprocess(batch)`
-  (NumPy batch of examples plus "position" -> the batch the loss reads) to use the
-  default `train_dataset`.
+  The default `setup` opens the training split as `self.train_source` and reads
+  `self.image_shape` from it; with `train_preprocess(batch)` (NumPy batch of examples
+  plus "position" -> the batch the loss reads) the default `train_dataset` reads it.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -51,6 +51,9 @@ class Task:
 
   def setup(self) -> None:
     """Expensive set-up, called once by the trainer before anything else."""
+    c = self.config
+    self.train_source = pipeline.load_source(c.dataset, c.dataset.train_split)
+    self.image_shape = image_shape(self.train_source)
 
   def train_dataset(self, sharding: pipeline.Sharding):
     return pipeline.train_dataset(

@@ -23,11 +23,6 @@ class ClassifyTask(base.Task):
     self.train_preprocess = self.eval_preprocess = pipeline.image_classification_preprocess(
         *pipeline.normalisation(config.dataset.name))
 
-  def setup(self):
-    self.train_source = pipeline.load_source(self.config.dataset,
-                                             self.config.dataset.train_split)
-    self.image_shape = base.image_shape(self.train_source)
-
   def init(self, rng):
     return self.model.init(rng, jnp.zeros((1, *self.image_shape), jnp.float32))["params"], {}
 

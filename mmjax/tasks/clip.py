@@ -37,11 +37,6 @@ class ClipTask(base.Task):
     self._encode_text = jax.jit(functools.partial(self.model.apply,
                                                   method=self.model.encode_text))
 
-  def setup(self):
-    self.train_source = pipeline.load_source(self.config.dataset,
-                                             self.config.dataset.train_split)
-    self.image_shape = base.image_shape(self.train_source)
-
   def preprocess(self, batch, templates):
     """Examples -> {"image": normalised, "tokens": a templated caption, "label"}."""
     image = pipeline.normalize_images(batch["image"], self.mean, self.std)

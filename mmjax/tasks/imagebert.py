@@ -54,10 +54,9 @@ class ImageBertTask(base.Task):
     self.mean, self.std = pipeline.normalisation(config.dataset.name)
 
   def setup(self):
+    super().setup()
     c = self.config
-    self.train_source = pipeline.load_source(c.dataset, c.dataset.train_split)
-    cell = base.image_shape(self.train_source)
-    self.image_shape = (2 * cell[0], 2 * cell[1], cell[2])  # A 2x2 grid of cells.
+    self.image_shape = vqa.grid_shape(self.image_shape)  # Grids of 2x2 training images.
     n_image = self.model.num_image_tokens(*self.image_shape[:2])
     self.model = self.model.clone(max_len=2 + n_image + c.max_text_len)
     self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None

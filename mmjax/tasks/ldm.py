@@ -46,11 +46,6 @@ class AutoencoderTask(base.Task):
     super().__init__(config, mesh)
     self.model = ae_lib.AutoencoderKL(**module_kwargs(config.model))
 
-  def setup(self):
-    self.train_source = pipeline.load_source(self.config.dataset,
-                                             self.config.dataset.train_split)
-    self.image_shape = base.image_shape(self.train_source)
-
   def train_preprocess(self, batch):
     return {"image": to_unit_range(batch["image"])}
 
