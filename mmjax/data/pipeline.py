@@ -82,6 +82,38 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
         f"ArrayRecord: {e}") from e
 
 
+def check_labels(labels, num_classes: int, where: str) -> None:
+  """Raises ValueError, starting with `where`, unless every label is an integer class
+  id in [0, num_classes).
+
+  For labels whose values are visible (NumPy batches in the data pipeline): inside a
+  jitted loss they are traced and not checked, and `losses.softmax_cross_entropy`
+  reads -1 as the last class and gives NaN for labels >= num_classes. `labels`: any
+  shape; the check is two reductions over them.
+  """
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"{where}: num_classes must be an integer >= 1, got {num_classes!r}.")
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{where}: labels must be integer class ids, got dtype {labels.dtype}; "
+                     f"cast them with .astype(np.int32).")
+  if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):
+    return
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  values = np.unique(bad)
+  shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+  fixes = []
+  if values[-1] >= num_classes:
+    fixes.append(f"if they are real classes, set the number of classes to "
+                 f"{int(values[-1]) + 1} or more")
+  if values[0] < 0:
+    fixes.append("negative labels are not ignored by the losses: drop those examples")
+  raise ValueError(f"{where}: {bad.size} of {labels.size} labels are outside "
+                   f"[0, {num_classes}): {shown}. Fix the dataset's labels, or "
+                   f"{'; '.join(fixes)}.")
+
+
 class ArraySource:
   """A whole split as NumPy arrays, a random-access source of dict examples."""
 
