@@ -44,9 +44,17 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
-def l2_normalise(x: jax.Array) -> jax.Array:
-  """[..., dim] -> unit vectors along the last axis."""
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+def l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """[..., dim] -> unit vectors along the last axis; vectors of norm <= `eps` -> zeros.
+
+  Zero-safe: finite gradients everywhere. A vector of norm <= `eps` (a padded or dead
+  example) gets a zero gradient; x / max(|x|, eps) gives it NaN (the norm's gradient
+  at 0), and x * rsqrt(max(|x|², eps²)) 1 / eps = 1e12 times the incoming gradient.
+  Other vectors: x / |x| to float rounding.
+  """
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  nonzero = squared > eps * eps
+  return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
 
 
 def _check_embeddings(fn: str, image_emb, text_emb, batch_multiple: int = 1) -> None:
@@ -79,7 +87,7 @@ def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature) -> jax.Arra
   """CLIP's symmetric contrastive loss; matching pairs on the diagonal.
 
   Args:
-    image_emb, text_emb: [batch, dim], normalised here.
+    image_emb, text_emb: [batch, dim], normalised here (a zero row gets zero gradient).
     temperature: scalar > 0; logits = image · textᵀ / temperature. Checked when it is
       a Python or NumPy number; a traced one (CLIP's learned 1 / exp(logit_scale))
       is not, and 0 there gives NaN.
@@ -103,7 +111,7 @@ def sigmoid_contrastive(image_emb: jax.Array, text_emb: jax.Array, log_scale, bi
   """SigLIP's loss: every pair is a binary match / no-match decision.
 
   Args:
-    image_emb, text_emb: [batch, dim], normalised here.
+    image_emb, text_emb: [batch, dim], normalised here (a zero row gets zero gradient).
     log_scale, bias: scalars; logits = image · textᵀ · exp(log_scale) + bias.
 
   Returns:
