@@ -1,8 +1,13 @@
-"""Small pure loss functions. Shapes are in each docstring."""
+"""Small pure loss functions. Shapes are in each docstring.
+
+Shapes and static arguments are checked while tracing (a ValueError naming the
+function); values inside a jitted loss are traced and never checked (no host syncs).
+"""
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -10,12 +15,27 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy with integer labels.
 
   Args:
-    logits: [batch, classes].
-    labels: [batch] integer class ids.
+    logits: [..., classes], e.g. [batch, classes] or [batch, length, vocab].
+    labels: [...] integer class ids in [0, classes), the shape of `logits` without
+      its last axis.
 
   Returns:
-    [batch] losses.
+    [...] losses.
+
+  Raises:
+    ValueError, starting "softmax_cross_entropy:", for mismatched shapes or non-integer
+    labels. The labels' values are traced and not checked: -classes <= label < 0
+    silently counts from the end (-1 is the last class) and any other out-of-range
+    label gives NaN. Check NumPy batches with `mmjax.data.pipeline.check_labels`.
   """
+  shape, label_shape = jnp.shape(logits), jnp.shape(labels)
+  if len(shape) < 1 or label_shape != shape[:-1]:
+    raise ValueError(f"softmax_cross_entropy: labels must have the shape of logits without "
+                     f"its class axis, {shape[:-1]}, got logits {shape} and labels "
+                     f"{label_shape}.")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(f"softmax_cross_entropy: labels must be integer class ids, got dtype "
+                     f"{jnp.result_type(labels)}; cast them with .astype(int32).")
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
@@ -24,21 +44,62 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
-def l2_normalise(x: jax.Array) -> jax.Array:
-  """[..., dim] -> unit vectors along the last axis."""
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+def l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """[..., dim] -> unit vectors along the last axis; vectors of norm <= `eps` -> zeros.
+
+  Zero-safe: finite gradients everywhere. A vector of norm <= `eps` (a padded or dead
+  example) gets a zero gradient; x / max(|x|, eps) gives it NaN (the norm's gradient
+  at 0), and x * rsqrt(max(|x|², eps²)) 1 / eps = 1e12 times the incoming gradient.
+  Other vectors: x / |x| to float rounding.
+  """
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  nonzero = squared > eps * eps
+  return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+
+
+def _check_embeddings(fn: str, image_emb, text_emb, batch_multiple: int = 1) -> None:
+  """Both [batch, dim], of one shape, batch >= 1 and a multiple of `batch_multiple`."""
+  a, b = jnp.shape(image_emb), jnp.shape(text_emb)
+  if len(a) != 2 or a != b or a[0] < 1:
+    raise ValueError(f"{fn}: image_emb and text_emb must both be [batch, dim] of one shape, "
+                     f"with matching pairs in the same rows; got {a} and {b}.")
+  if a[0] % batch_multiple:
+    raise ValueError(f"{fn}: the batch of {a[0]} does not split over {batch_multiple} "
+                     f"devices; use a multiple of {batch_multiple}.")
+
+
+def _check_scalars(fn: str, **scalars) -> None:
+  for name, value in scalars.items():
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{fn}: {name} must be a scalar, got shape {jnp.shape(value)}.")
+
+
+def _check_temperature(fn: str, temperature) -> None:
+  """A scalar; when it is static (a Python or NumPy number), a finite one > 0."""
+  _check_scalars(fn, temperature=temperature)
+  if isinstance(temperature, (int, float, np.number, np.ndarray)):
+    if not (np.isfinite(temperature) and temperature > 0):
+      raise ValueError(f"{fn}: temperature must be > 0 (logits = similarity / "
+                       f"temperature), got {temperature!r}.")
 
 
 def info_nce(image_emb: jax.Array, text_emb: jax.Array, temperature) -> jax.Array:
   """CLIP's symmetric contrastive loss; matching pairs on the diagonal.
 
   Args:
-    image_emb, text_emb: [batch, dim], normalised here.
-    temperature: scalar; logits = image · textᵀ / temperature.
+    image_emb, text_emb: [batch, dim], normalised here (a zero row gets zero gradient).
+    temperature: scalar > 0; logits = image · textᵀ / temperature. Checked when it is
+      a Python or NumPy number; a traced one (CLIP's learned 1 / exp(logit_scale))
+      is not, and 0 there gives NaN.
 
   Returns:
     Scalar: mean of the image->text and text->image cross-entropies.
+
+  Raises:
+    ValueError, starting "info_nce:", for mismatched shapes or a static temperature <= 0.
   """
+  _check_embeddings("info_nce", image_emb, text_emb)
+  _check_temperature("info_nce", temperature)
   img, txt = l2_normalise(image_emb), l2_normalise(text_emb)
   logits = img @ txt.T / temperature  # [batch, batch]
   labels = jnp.arange(logits.shape[0])
@@ -50,12 +111,17 @@ def sigmoid_contrastive(image_emb: jax.Array, text_emb: jax.Array, log_scale, bi
   """SigLIP's loss: every pair is a binary match / no-match decision.
 
   Args:
-    image_emb, text_emb: [batch, dim], normalised here.
+    image_emb, text_emb: [batch, dim], normalised here (a zero row gets zero gradient).
     log_scale, bias: scalars; logits = image · textᵀ · exp(log_scale) + bias.
 
   Returns:
     Scalar: -Σ log σ(label · logit) / batch, label +1 on the diagonal, -1 elsewhere.
+
+  Raises:
+    ValueError, starting "sigmoid_contrastive:", for mismatched or non-scalar shapes.
   """
+  _check_embeddings("sigmoid_contrastive", image_emb, text_emb)
+  _check_scalars("sigmoid_contrastive", log_scale=log_scale, bias=bias)
   img, txt = l2_normalise(image_emb), l2_normalise(text_emb)
   logits = img @ txt.T * jnp.exp(log_scale) + bias
   labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
@@ -101,8 +167,22 @@ def _sharded(block, mesh, axis_name, num_scalars):
                        in_specs=specs, out_specs=P())
 
 
+def _mesh_size(fn: str, mesh, axis_name: str) -> int:
+  if axis_name not in mesh.shape:
+    raise ValueError(f"{fn}: the mesh has no axis {axis_name!r}; its axes are "
+                     f"{tuple(mesh.shape)}.")
+  return mesh.shape[axis_name]
+
+
 def info_nce_sharded(image_emb, text_emb, temperature, mesh, axis_name: str = "data"):
-  """`info_nce` over the global batch of [batch, dim] arrays split along `axis_name`."""
+  """`info_nce` over the global batch of [batch, dim] arrays split along `axis_name`.
+
+  Checks as `info_nce` (errors start "info_nce_sharded:"), and that the batch splits
+  evenly over the mesh axis.
+  """
+  fn = "info_nce_sharded"
+  _check_embeddings(fn, image_emb, text_emb, _mesh_size(fn, mesh, axis_name))
+  _check_temperature(fn, temperature)
   if mesh.shape[axis_name] == 1:
     return info_nce(image_emb, text_emb, temperature)
   return _sharded(info_nce_block, mesh, axis_name, 1)(image_emb, text_emb, temperature)
@@ -110,7 +190,14 @@ def info_nce_sharded(image_emb, text_emb, temperature, mesh, axis_name: str = "d
 
 def sigmoid_contrastive_sharded(image_emb, text_emb, log_scale, bias, mesh,
                                 axis_name: str = "data"):
-  """`sigmoid_contrastive` over the global batch split along `axis_name`."""
+  """`sigmoid_contrastive` over the global batch split along `axis_name`.
+
+  Checks as `sigmoid_contrastive` (errors start "sigmoid_contrastive_sharded:"), and
+  that the batch splits evenly over the mesh axis.
+  """
+  fn = "sigmoid_contrastive_sharded"
+  _check_embeddings(fn, image_emb, text_emb, _mesh_size(fn, mesh, axis_name))
+  _check_scalars(fn, log_scale=log_scale, bias=bias)
   if mesh.shape[axis_name] == 1:
     return sigmoid_contrastive(image_emb, text_emb, log_scale, bias)
   return _sharded(sigmoid_contrastive_block, mesh, axis_name, 2)(image_emb, text_emb,

@@ -1,4 +1,6 @@
 """Contrastive losses vs NumPy, and over a 4-device mesh vs one device (negatives = global batch)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,15 +20,20 @@ def _np_log_softmax(z):
   return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def np_info_nce(img, txt, t):
-  logits = _np_normalise(img) @ _np_normalise(txt).T / t
+def _np_zero_safe_normalise(x):
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  return np.where(norm > 0, x / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def np_info_nce(img, txt, t, normalise=_np_normalise):
+  logits = normalise(img) @ normalise(txt).T / t
   n = len(img)
   return -0.5 * (np.mean(_np_log_softmax(logits)[np.arange(n), np.arange(n)])
                  + np.mean(_np_log_softmax(logits.T)[np.arange(n), np.arange(n)]))
 
 
-def np_sigmoid(img, txt, log_scale, bias):
-  logits = _np_normalise(img) @ _np_normalise(txt).T * np.exp(log_scale) + bias
+def np_sigmoid(img, txt, log_scale, bias, normalise=_np_normalise):
+  logits = normalise(img) @ normalise(txt).T * np.exp(log_scale) + bias
   labels = 2 * np.eye(len(img)) - 1
   return np.sum(np.log1p(np.exp(-labels * logits))) / len(img)
 
@@ -83,3 +90,43 @@ def test_each_device_computes_local_by_global_logits():
   shapes = {tuple(v.aval.shape) for eqn in jaxpr.eqns[0].params["jaxpr"].eqns
             if eqn.primitive.name == "dot_general" for v in eqn.outvars}
   assert shapes == {(4, 16)}, shapes
+
+
+def test_l2_normalise_is_unchanged_on_nonzero_rows():
+  x, _ = _embeddings(64, 16)
+  np.testing.assert_allclose(losses.l2_normalise(x), _np_normalise(x), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(losses.l2_normalise(np.zeros((2, 3), np.float32)), 0.0)
+
+
+def test_the_issues_zero_row_example_has_finite_gradients():
+  """Was a NaN row: the norm's gradient at 0 went through the forward-only clip."""
+  grad = jax.grad(losses.info_nce)(jnp.eye(4).at[0].set(0.), jnp.eye(4), .1)
+  assert np.isfinite(grad).all()
+  np.testing.assert_array_equal(grad[0], 0.0)  # A zero (padded, dead) row: no gradient.
+
+
+@pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
+@pytest.mark.parametrize("devices", [1, 4])
+def test_zero_rows_give_finite_gradients(kind, devices):
+  """An all-zero image row and another text row: every gradient finite (zero for the zero
+  rows), and the loss that of zero vectors in those rows."""
+  img, txt = _embeddings(16, 8)
+  img[3], txt[10] = 0.0, 0.0
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  if kind == "info_nce":
+    scalars = (jnp.float32(0.1),)
+    loss = functools.partial(losses.info_nce_sharded, mesh=mesh)
+  else:
+    scalars = (jnp.float32(np.log(10.0)), jnp.float32(-5.0))
+    loss = functools.partial(losses.sigmoid_contrastive_sharded, mesh=mesh)
+  rows = NamedSharding(mesh, P("data"))
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+      jax.device_put(img, rows), jax.device_put(txt, rows), *scalars)
+  assert np.isfinite(value)
+  for g in grads:
+    assert np.isfinite(g).all()
+  np.testing.assert_array_equal(grads[0][3], 0.0)
+  np.testing.assert_array_equal(grads[1][10], 0.0)
+  reference = np_info_nce if kind == "info_nce" else np_sigmoid
+  np.testing.assert_allclose(value, reference(img, txt, *map(float, scalars),
+                                              normalise=_np_zero_safe_normalise), rtol=1e-5)

@@ -22,7 +22,11 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import sys
+import threading
+import time
+import urllib.parse
 from typing import Callable
 
 import grain
@@ -47,16 +51,22 @@ def resolve_data_dir(data_dir: str | None) -> str:
 def tfds_source(name: str, split: str, data_dir: str | None = None, download: bool = True):
   """Returns the random-access TFDS data source of one split.
 
+  A dataset that is not prepared is downloaded and prepared when `download` is True,
+  after checking (`unreachable_hosts`, seconds) that its download hosts answer: offline
+  the error comes at once instead of after TFDS's minutes of retries. A download that
+  fails leaves nothing behind in the data directory (`_remove_new_paths`).
+
   Raises:
     DatasetNotFoundError: the dataset is not prepared in the data directory and
-      `download` is False or the download failed. The message names the directory.
+      `download` is False or the download failed. The message names the directory
+      searched and how to provide the data.
   """
   import tensorflow_datasets as tfds  # Imported here: TFDS is slow to import.
 
   data_dir = resolve_data_dir(data_dir)
-  how = (f"Point $TFDS_DATA_DIR or config.dataset.data_dir at a directory holding a "
-         f"prepared copy (`{name}/<version>/dataset_info.json` inside), or run once on "
-         f"a machine with internet: python -c \"import tensorflow_datasets as tfds; "
+  how = (f"Set $TFDS_DATA_DIR or --config.dataset.data_dir to a directory holding a "
+         f"prepared copy (`{name}/<version>/dataset_info.json` inside), or prepare it "
+         f"once on a machine with internet: python -c \"import tensorflow_datasets as tfds; "
          f"tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record')"
          f".download_and_prepare()\"")
   try:
@@ -64,22 +74,159 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
   except Exception as e:  # An unknown name, for one.
     raise DatasetNotFoundError(f"TFDS has no dataset {name!r}: {e}") from e
   if not builder.is_prepared():
+    missing = f"Dataset {name!r} is not prepared in {data_dir} (searched {builder.data_dir})"
     if not download:
+      raise DatasetNotFoundError(f"{missing} and config.dataset.download is False. {how}")
+    unreachable = unreachable_hosts(_download_urls(builder))
+    if unreachable:
+      hosts = "; ".join(f"{host}: {why}" for host, why in unreachable.items())
       raise DatasetNotFoundError(
-          f"Dataset {name!r} is not prepared in {data_dir} (searched "
-          f"{builder.data_dir}) and config.dataset.download is False. {how}")
+          f"{missing} and it cannot be downloaded: no answer from its download host "
+          f"({hosts}). {how}")
+    before = _tfds_paths(data_dir, builder.name)
     try:
       builder.download_and_prepare()
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C during TFDS's retries included.
+      _remove_new_paths(data_dir, before, _tfds_paths(data_dir, builder.name))
+      if not isinstance(e, Exception):
+        raise
       raise DatasetNotFoundError(
-          f"Dataset {name!r} is not prepared in {data_dir} and downloading it failed "
-          f"({type(e).__name__}: {e}). {how}") from e
+          f"{missing} and downloading it failed ({type(e).__name__}: {_short(e)}). "
+          f"{how}") from e
   try:
     return builder.as_data_source(split=split)
   except Exception as e:
     raise DatasetNotFoundError(
         f"Dataset {name!r} in {builder.data_dir} has no split {split!r} readable as "
         f"ArrayRecord: {e}") from e
+
+
+# Seconds a download host may take to answer (connection and response headers).
+PROBE_TIMEOUT_S = 5.0
+# HTTP answers TFDS retries with backoff for minutes: as bad as no answer.
+_RETRIED_STATUSES = (500, 502, 503, 504)
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  text = str(e)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _probe(url: str, timeout: float) -> str | None:
+  """None if `url` answers a GET (headers only, no retries) within `timeout` seconds,
+  else why not."""
+  import requests  # TFDS downloads with requests: the same proxies ($HTTPS_PROXY, ...).
+  try:
+    with requests.get(url, stream=True, timeout=timeout) as response:
+      if response.status_code in _RETRIED_STATUSES:
+        return f"HTTP {response.status_code}"
+      return None
+  except requests.RequestException as e:
+    return f"{type(e).__name__}: {_short(e, 200)}"
+
+
+def _download_urls(builder) -> list[str]:
+  """The URLs in the dataset's registered checksums; none known -> [] (no probe)."""
+  try:
+    return list(type(builder).url_infos or ())
+  except Exception:  # A builder without a checksums file, for one.
+    return []
+
+
+def unreachable_hosts(urls, timeout: float = PROBE_TIMEOUT_S) -> dict[str, str]:
+  """{host: why} for the http(s) hosts among `urls` that do not answer in time.
+
+  One GET per scheme and host, all at once, each waiting at most `timeout` seconds
+  for the connection and for the response headers; 2 * `timeout` in all (a name
+  lookup that hangs counts as no answer). Any HTTP status counts as an answer except
+  500, 502, 503 and 504, which TFDS would retry for minutes.
+  """
+  first = {}
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("http", "https"):
+      first.setdefault((parts.scheme, parts.netloc), url)
+  answers = {}
+
+  def probe(key, url):
+    try:
+      answers[key] = _probe(url, timeout)
+    except Exception:  # A probe that breaks proves nothing: TFDS will try.
+      answers[key] = None
+
+  threads = [threading.Thread(target=probe, args=item, daemon=True) for item in first.items()]
+  for thread in threads:
+    thread.start()
+  deadline = time.monotonic() + 2 * timeout
+  for thread in threads:
+    thread.join(max(0.0, deadline - time.monotonic()))
+  result = {}
+  for key in first:
+    why = answers.get(key, f"no answer within {2 * timeout:g} s")
+    if why:
+      result[key[1]] = why
+  return result
+
+
+def _tfds_paths(data_dir: str, name: str) -> set[pathlib.Path]:
+  """What exists where `download_and_prepare` of `name` writes: the entries of
+  data_dir, data_dir/downloads and data_dir/downloads/extracted, everything under
+  data_dir/<name> and data_dir/downloads/<name>, and data_dir itself."""
+  root = pathlib.Path(data_dir)
+  if "://" in data_dir or not root.is_dir():  # Cloud storage: not cleaned up.
+    return set()
+  paths = {root}
+  for directory, recursive in ((root, False), (root / "downloads", False),
+                               (root / "downloads" / "extracted", False),
+                               (root / name, True), (root / "downloads" / name, True)):
+    if directory.is_dir():
+      paths.update(directory.rglob("*") if recursive else directory.iterdir())
+  return paths
+
+
+def _remove_new_paths(data_dir: str, before: set[pathlib.Path], after: set[pathlib.Path]):
+  """Removes the paths in `after` but not `before` (a failed download's partial and
+  .tmp files, empty directories), parents first. Another process downloading the
+  same dataset into the same directory at the same time would lose its files too."""
+  if "://" in data_dir:
+    return
+  for path in sorted(after - before, key=lambda p: len(p.parts)):
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path, ignore_errors=True)
+    elif path.is_symlink() or path.exists():
+      path.unlink(missing_ok=True)
+
+
+def check_labels(labels, num_classes: int, where: str) -> None:
+  """Raises ValueError, starting with `where`, unless every label is an integer class
+  id in [0, num_classes).
+
+  For labels whose values are visible (NumPy batches in the data pipeline): inside a
+  jitted loss they are traced and not checked, and `losses.softmax_cross_entropy`
+  reads -1 as the last class and gives NaN for labels >= num_classes. `labels`: any
+  shape; the check is two reductions over them.
+  """
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"{where}: num_classes must be an integer >= 1, got {num_classes!r}.")
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{where}: labels must be integer class ids, got dtype {labels.dtype}; "
+                     f"cast them with .astype(np.int32).")
+  if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):
+    return
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  values = np.unique(bad)
+  shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+  fixes = []
+  if values[-1] >= num_classes:
+    fixes.append(f"if they are real classes, set the number of classes to "
+                 f"{int(values[-1]) + 1} or more")
+  if values[0] < 0:
+    fixes.append("negative labels are not ignored by the losses: drop those examples")
+  raise ValueError(f"{where}: {bad.size} of {labels.size} labels are outside "
+                   f"[0, {num_classes}): {shown}. Fix the dataset's labels, or "
+                   f"{'; '.join(fixes)}.")
 
 
 class ArraySource:
@@ -123,8 +270,11 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
   arrays = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)  # Gone after the rename; else half written.
   return ArraySource(arrays)
 
 

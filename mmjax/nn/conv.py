@@ -20,6 +20,7 @@ and a large batch is computed in pieces one after another (`Plan`, through
 `choose_plan` and `_batch_chunks` give the measurements behind the choices.
 """
 import functools
+import operator
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -31,14 +32,33 @@ Padding = str | int | Sequence[Sequence[int]]
 PADDING_MODES = {"zeros": "constant", "edge": "edge"}
 
 
-def pair(value, name: str = "value") -> tuple[int, int]:
-  """An int or a pair of ints -> (height, width)."""
-  if isinstance(value, int):
+def static_int(value, what: str, fn: str, minimum: int = 0) -> int:
+  """A Python or NumPy integer >= `minimum` (not a bool) -> int, else a ValueError
+  "`fn`: `what` must be ...". For static arguments: checked once, at trace time."""
+  try:
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{fn}: {what} must be an integer >= {minimum}, got {value!r}.") from None
+  if value < minimum:
+    raise ValueError(f"{fn}: {what} must be an integer >= {minimum}, got {value!r}.")
+  return value
+
+
+def pair(value, name: str = "value", *, fn: str = "pair", minimum: int = 1) -> tuple[int, int]:
+  """An int or a pair of ints (Python or NumPy, each >= `minimum`) -> (height, width).
+
+  Anything else (a float, a bool, 0 for a stride) is a ValueError naming `fn` and `name`.
+  """
+  if isinstance(value, (str, bytes)) or not np.iterable(value):
+    value = static_int(value, name, fn, minimum)
     return value, value
   value = tuple(value)
-  if len(value) != 2 or not all(isinstance(v, int) for v in value):
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
-  return value
+  if len(value) != 2:
+    raise ValueError(f"{fn}: {name} must be an integer >= {minimum} or a pair of them, "
+                     f"got {value!r}.")
+  return tuple(static_int(v, name, fn, minimum) for v in value)
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -47,37 +67,40 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) 
 
 
 def explicit_padding(padding: Padding, size: tuple[int, int], window: tuple[int, int],
-                     stride: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+                     stride: tuple[int, int], *, fn: str = "explicit_padding"
+                     ) -> tuple[tuple[int, int], tuple[int, int]]:
   """"VALID", "SAME", an int p or ((top, bottom), (left, right)) -> the explicit pairs.
 
   "SAME" gives ceil(size / stride) outputs, the extra padding at the bottom/right
-  (as in TensorFlow and XLA).
+  (as in TensorFlow and XLA). Integers may be Python or NumPy ones, >= 0; anything
+  else is a ValueError naming `fn`.
   """
+  how = 'use "VALID", "SAME", an int >= 0 or ((top, bottom), (left, right))'
   if isinstance(padding, str):
     if padding.upper() == "VALID":
       return (0, 0), (0, 0)
     if padding.upper() == "SAME":
+      window, stride = pair(window, "window", fn=fn), pair(stride, "stride", fn=fn)
       pads = []
       for n, k, s in zip(size, window, stride):
         total = max((-(-n // s) - 1) * s + k - n, 0)
         pads.append((total // 2, total - total // 2))
       return tuple(pads)
-    raise ValueError(f'padding={padding!r}: use "VALID", "SAME", an int or ((t, b), (l, r)).')
-  if isinstance(padding, int):
-    pads = ((padding, padding), (padding, padding))
-  else:
-    pads = tuple(tuple(p) for p in padding)
-  if (len(pads) != 2 or any(len(p) != 2 for p in pads)
-      or any(not isinstance(v, int) or v < 0 for p in pads for v in p)):
-    raise ValueError(f"padding={padding!r}: explicit padding is a non-negative int or "
-                     f"((top, bottom), (left, right)).")
-  return pads
+    raise ValueError(f"{fn}: padding={padding!r}: {how}.")
+  if not np.iterable(padding):
+    p = static_int(padding, "padding", fn)
+    return (p, p), (p, p)
+  pads = tuple(tuple(p) if np.iterable(p) else p for p in padding)
+  if len(pads) != 2 or any(not isinstance(p, tuple) or len(p) != 2 for p in pads):
+    raise ValueError(f"{fn}: padding={padding!r}: {how}.")
+  return tuple(tuple(static_int(v, "padding", fn) for v in p) for p in pads)
 
 
-def pad2d(x: jax.Array, pads, mode: str = "zeros", value: float = 0.0) -> jax.Array:
+def pad2d(x: jax.Array, pads, mode: str = "zeros", value: float = 0.0, *,
+          fn: str = "pad2d") -> jax.Array:
   """Pads [batch, height, width, channels] spatially; mode "zeros" (or `value`) or "edge"."""
   if mode not in PADDING_MODES:
-    raise ValueError(f"padding_mode={mode!r}: use one of {sorted(PADDING_MODES)}.")
+    raise ValueError(f"{fn}: padding_mode={mode!r}: use one of {sorted(PADDING_MODES)}.")
   if pads == ((0, 0), (0, 0)):
     return x
   widths = ((0, 0), *pads, (0, 0))
@@ -374,27 +397,40 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
     x: [batch, height, width, in_channels].
     kernel: [kh, kw, in_channels, out_channels].
     bias: [out_channels] or None.
-    stride: int or (sh, sw).
-    padding: "VALID", "SAME", an int p, or ((top, bottom), (left, right)).
+    stride: int or (sh, sw), each >= 1.
+    padding: "VALID", "SAME", an int p >= 0, or ((top, bottom), (left, right)).
     padding_mode: "zeros" (zero padding) or "edge" (border pixels repeated).
+    Integers may be Python or NumPy ones.
 
   Returns:
     [batch, out_h, out_w, out_channels], out = floor((in - k + pad_total) / s) + 1.
+
+  Raises:
+    ValueError, starting "conv2d:", for wrong shapes or arguments (checked on shapes
+    and static values while tracing; nothing is checked at run time).
   """
-  if x.ndim != 4:
-    raise ValueError(f"conv2d expects x of shape [batch, height, width, channels], got {x.shape}.")
-  if kernel.ndim != 4:
-    raise ValueError(f"conv2d expects kernel of shape [kh, kw, in, out], got {kernel.shape}.")
+  if jnp.ndim(x) != 4:
+    raise ValueError(f"conv2d: x must be [batch, height, width, channels], got shape "
+                     f"{jnp.shape(x)}.")
+  if jnp.ndim(kernel) != 4:
+    raise ValueError(f"conv2d: kernel must be [kh, kw, in, out], got shape {jnp.shape(kernel)}.")
   kh, kw, cin, cout = kernel.shape
+  if kh < 1 or kw < 1:
+    raise ValueError(f"conv2d: the kernel's window must be at least 1x1, got kernel shape "
+                     f"{kernel.shape}.")
   if x.shape[-1] != cin:
-    raise ValueError(f"x has {x.shape[-1]} channels but the kernel expects {cin} "
+    raise ValueError(f"conv2d: x has {x.shape[-1]} channels but the kernel expects {cin} "
                      f"(kernel shape {kernel.shape}).")
-  stride = pair(stride, "stride")
-  pads = explicit_padding(padding, x.shape[1:3], (kh, kw), stride)
-  x = pad2d(x, pads, padding_mode)
+  if bias is not None and jnp.shape(bias) != (cout,):
+    raise ValueError(f"conv2d: bias must be [out_channels] = ({cout},), got shape "
+                     f"{jnp.shape(bias)}.")
+  stride = pair(stride, "stride", fn="conv2d")
+  pads = explicit_padding(padding, x.shape[1:3], (kh, kw), stride, fn="conv2d")
+  x = pad2d(x, pads, padding_mode, fn="conv2d")
   out_h, out_w = _out_size(x, kernel, stride)
   if out_h < 1 or out_w < 1:
-    raise ValueError(f"Window {(kh, kw)} is larger than the padded input {x.shape[1:3]}.")
+    raise ValueError(f"conv2d: the kernel window {(kh, kw)} is larger than the padded input "
+                     f"{x.shape[1:3]}; pad more or use a smaller kernel.")
   # Rows and columns past the last window (strides, SAME padding) are never read.
   x = x[:, :stride[0] * (out_h - 1) + kh, :stride[1] * (out_w - 1) + kw]
   return conv_valid(x, kernel, stride, choose_plan(x.shape, kernel.shape, stride), bias)
@@ -413,7 +449,7 @@ class Conv2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kh, kw = pair(self.kernel_size, "kernel_size")
+    kh, kw = pair(self.kernel_size, "kernel_size", fn="Conv2D")
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     return conv2d(x, kernel, bias, stride=self.stride, padding=self.padding,

@@ -2,12 +2,25 @@
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.conv import Padding, explicit_padding, pad2d, pair, windows
+from mmjax.nn.conv import Padding, conv_output_size, explicit_padding, pad2d, pair, windows
 
 
-def _check(x, name):
-  if x.ndim != 4:
-    raise ValueError(f"{name} expects x of shape [batch, height, width, channels], got {x.shape}.")
+def _geometry(x, window, stride, padding, fn: str):
+  """Checks the shapes and static arguments of a pooling `fn` -> (window, stride, pads).
+
+  Integers may be Python or NumPy ones; anything wrong is a ValueError naming `fn`.
+  """
+  if jnp.ndim(x) != 4:
+    raise ValueError(f"{fn}: x must be [batch, height, width, channels], got shape "
+                     f"{jnp.shape(x)}.")
+  window = pair(window, "window", fn=fn)
+  stride = window if stride is None else pair(stride, "stride", fn=fn)
+  pads = explicit_padding(padding, x.shape[1:3], window, stride, fn=fn)
+  padded = [n + p0 + p1 for n, (p0, p1) in zip(x.shape[1:3], pads)]
+  if any(conv_output_size(n, k, s) < 1 for n, k, s in zip(padded, window, stride)):
+    raise ValueError(f"{fn}: window {window} is larger than the padded input "
+                     f"{tuple(padded)}; use a smaller window or more padding.")
+  return window, stride, pads
 
 
 def _tiles(x, window, stride, pads):
@@ -30,16 +43,18 @@ def max_pool(x: jax.Array, window, stride=None, padding: Padding = "VALID") -> j
 
   Args:
     x: [batch, height, width, channels].
-    window: int or (kh, kw). stride: int, pair, or None for the window.
-    padding: "VALID", "SAME", an int p, or ((top, bottom), (left, right)).
+    window: int or (kh, kw), each >= 1. stride: the same, or None for the window.
+    padding: "VALID", "SAME", an int p >= 0, or ((top, bottom), (left, right)).
+    Integers may be Python or NumPy ones.
 
   Returns:
     [batch, out_h, out_w, channels], out = floor((in - k + pad_total) / s) + 1.
+
+  Raises:
+    ValueError, starting "max_pool:", for a wrong shape or argument (checked on the
+    shape and static values while tracing).
   """
-  _check(x, "max_pool")
-  window = pair(window, "window")
-  stride = window if stride is None else pair(stride, "stride")
-  pads = explicit_padding(padding, x.shape[1:3], window, stride)
+  window, stride, pads = _geometry(x, window, stride, padding, "max_pool")
   if (tiles := _tiles(x, window, stride, pads)) is not None:
     return tiles.max(axis=(2, 4))
   views = windows(pad2d(x, pads, value=-jnp.inf), window, stride)
@@ -55,12 +70,9 @@ def avg_pool(x: jax.Array, window, stride=None, padding: Padding = "VALID",
 
   With `count_include_pad` (the default, as in PyTorch and Flax) every window is
   divided by kh*kw, padding included; otherwise by the number of real pixels in it.
-  Shapes as in `max_pool`.
+  Shapes, arguments and errors as in `max_pool` (the errors start "avg_pool:").
   """
-  _check(x, "avg_pool")
-  window = pair(window, "window")
-  stride = window if stride is None else pair(stride, "stride")
-  pads = explicit_padding(padding, x.shape[1:3], window, stride)
+  window, stride, pads = _geometry(x, window, stride, padding, "avg_pool")
   if (tiles := _tiles(x, window, stride, pads)) is not None:
     return tiles.mean(axis=(2, 4))
   total = sum(windows(pad2d(x, pads), window, stride))
