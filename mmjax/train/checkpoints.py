@@ -138,6 +138,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, state, train_iter=None):
   finally:
     checkpointer.close()
   metadata = getattr(metadata, "item_metadata", metadata)
+  if metadata is None or not jax.tree.leaves(metadata):
+    raise FileNotFoundError(f"{item} has no readable metadata (_METADATA missing?)")
   if _shapes(metadata) != _shapes(state):
     raise ValueError(
         f"The checkpoint at step {step} in {mngr.directory} does not fit this config's "
