@@ -8,9 +8,16 @@ run on the workdir's latest checkpoint, without training (results in <workdir>/e
 Several hosts: run the same command on every host. On TPU pods and under SLURM add
 `--distributed` (JAX finds its peers); elsewhere give `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` on each.
+
+Expected failures (a bad flag or field, a missing config file or dataset, a full disk,
+a workdir in use, a corrupt checkpoint, NaN) end with one line on stderr, last and
+alone, and exit status 1 (2 for flags); `--verbose_errors` or MMJAX_TRACEBACK=1 shows
+the traceback instead.
 """
+import errno
 import logging as py_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -30,10 +37,70 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE_ERRORS = flags.DEFINE_bool(
+    "verbose_errors", False, "Show the full traceback of expected errors (as does "
+    "MMJAX_TRACEBACK=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _verbose() -> bool:
+  return os.environ.get("MMJAX_TRACEBACK", "") not in ("", "0") or (
+      "--verbose_errors" in sys.argv)
+
+
+def _fail(e: BaseException, code: int = 1):
+  """Prints `error: <message>` (one line) to stderr and exits at once.
+
+  os._exit: no interpreter teardown, whose errors (background checkpoint threads on
+  a full disk) would bury the message.
+  """
+  message = " ".join(str(e).split()) or type(e).__name__
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a one-line error for a bad flag, field or config file."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # Read lazily, errors and all: make it fail here if it must.
+    return argv
+  except Exception as e:  # pylint: disable=broad-except  # flags.Error, IOError, ...
+    if _verbose():
+      raise
+    if isinstance(e, OSError):  # "Failed loading config file config_config ... [Errno 2] ..."
+      message = f"--config: {str(e.__cause__ or e).strip().splitlines()[-1].strip()}"
+    elif isinstance(e, flags.Error):
+      message = f"{e} (see --helpfull)"
+    else:  # Unknown config field: AttributeError("'field'\nDid you mean ...").
+      text = str(e).strip("'").replace("\\'", "'").replace("\\n", " ")
+      message = f"--config: unknown field {' '.join(text.split())}"
+    _fail(message, 2)
+
+
+def _is_expected(e: BaseException) -> bool:
+  from mmjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  return isinstance(e, (ValueError, FloatingPointError, FileNotFoundError,
+                        checkpoints.WorkdirLocked, checkpoints.CorruptCheckpointError,
+                        app.UsageError)) or (
+      isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES))
+
+
 def main(argv):
+  try:
+    _main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if _verbose() or not _is_expected(e):
+      raise
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      e = f"No space left to write in {_WORKDIR.value} ({e}). Free some, then rerun."
+    _fail(e)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,10 +114,22 @@ def main(argv):
     jax.distributed.initialize()
 
   from mmjax import tasks
+  from mmjax.train import checkpoints
+  from mmjax.train import guards
   from mmjax.train import sharding
   from mmjax.train import trainer
 
   config = _CONFIG.value
+  if not _EVAL_ONLY.value:
+    with checkpoints.WorkdirLock(_WORKDIR.value):  # At once: a second run stops here.
+      guards.validate(config)
+      _run(config, trainer, tasks, sharding)
+  else:
+    _run(config, trainer, tasks, sharding)
+
+
+def _run(config, trainer, tasks, sharding):
+  import jax  # pylint: disable=g-import-not-at-top
   logging.info("Process %d of %d; %d local of %d devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices())
@@ -68,4 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
   py_logging.getLogger("absl").setLevel(py_logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

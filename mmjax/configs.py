@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # Stop (like on NaN) when the training loss exceeds this; None: no limit.
+  c.max_loss = config_dict.placeholder(float)
+  # A restart may change num_train_steps (and so the schedule) only when this is True.
+  c.allow_schedule_change = False
   # Evaluators, each config.evals.<name> = dict(type=..., every_steps=..., ...): see
   # mmjax/evals/__init__.py. every_steps defaults to eval_every_steps.
   c.evals = ml_collections.ConfigDict()

@@ -189,7 +189,8 @@ def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
       return {**params, "extra": jnp.zeros(3)}, extras
 
   with pytest.raises(ValueError, match="does not fit this config"):
-    _train(_config(num_train_steps=10), tmp_path, jax.devices()[:1], WiderTask)
+    _train(_config(num_train_steps=10, allow_schedule_change=True), tmp_path,
+           jax.devices()[:1], WiderTask)
 
 
 def test_load_run_reads_another_runs_parameters_and_checks_its_task(tmp_path):

@@ -4,15 +4,105 @@ A run's workdir holds `config.json` (the config it used) and `checkpoints/<step>
 each an Orbax composite of `state` (the `TrainState`) and `data` (each process's
 Grain iterator position). Orbax writes a checkpoint to a temporary directory and
 renames it when complete, so a checkpoint is never half-written.
+
+What can still go wrong is handled here too: `WorkdirLock` keeps a second run off a
+workdir; `restore_latest` moves a checkpoint that cannot be restored, or that holds
+non-finite values, to `checkpoints/corrupt-<step>/` and resumes from the one before.
 """
 import dataclasses
 import json
+import logging
 import os
+import socket
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process holds the workdir's lock file."""
+
+
+class CorruptCheckpointError(RuntimeError):
+  """No checkpoint of a workdir could be restored."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`<workdir>/lock`, held by process 0 while a run trains: {"host": ..., "pid": ...}.
+
+  A second run on the workdir raises WorkdirLocked naming the holder. A lock left by a
+  dead process on this host is taken over with a warning. Re-entrant within one
+  process (launch.py takes it early, the trainer again): only the first holder
+  releases it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "lock")
+    self._owned = False
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    tmp = f"{self.path}.{me['pid']}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(me, f)
+    try:
+      for _ in range(3):
+        try:
+          os.link(tmp, self.path)  # Atomic: fails if the lock exists; never half-written.
+          self._owned = True
+          return self
+        except FileExistsError:
+          pass
+        try:
+          with open(self.path, encoding="utf-8") as f:
+            holder = json.load(f)
+        except FileNotFoundError:
+          continue  # Released meanwhile.
+        except ValueError:
+          holder = {"host": "?", "pid": "?"}
+        if holder == me:
+          return self
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and (
+            not _alive(holder["pid"])):
+          logging.warning("Taking over %s: its process %d on %s is dead.", self.path,
+                          holder["pid"], holder["host"])
+          try:
+            os.remove(self.path)
+          except FileNotFoundError:
+            pass
+          continue
+        raise WorkdirLocked(
+            f"{os.path.dirname(self.path)} is in use by PID {holder.get('pid')} on host "
+            f"{holder.get('host')} (lock file {self.path}). Wait for that run or stop it, "
+            f"or use another --workdir; if that process is gone, delete the lock file.")
+      raise WorkdirLocked(f"Could not take {self.path}; try again.")
+    finally:
+      os.remove(tmp)
+
+  def __exit__(self, *exc):
+    if self._owned:
+      self._owned = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -29,23 +119,89 @@ def save(mngr: ocp.CheckpointManager, step: int, state, train_iter):
       state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
 
 
+def _shapes(tree) -> list[tuple]:
+  return sorted(tuple(getattr(x, "shape", ()) or ()) for x in jax.tree.leaves(tree))
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, state, train_iter=None):
   """The state saved at `step`, laid out (shapes, dtypes, shardings) like `state`.
 
   With `train_iter`, the data iterator is moved to where it was too. Raises a
-  ValueError that says what to do when the saved tree does not fit `state`.
+  ValueError that says what to do when the saved tree's array shapes differ from
+  `state`'s (another experiment's checkpoint); any other failure (a missing or
+  truncated file) is raised as it is.
   """
+  item = os.path.join(str(mngr.directory), str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(item)
+  finally:
+    checkpointer.close()
+  metadata = getattr(metadata, "item_metadata", metadata)
+  if metadata is None or not jax.tree.leaves(metadata):
+    raise FileNotFoundError(f"{item} has no readable metadata (_METADATA missing?)")
+  if _shapes(metadata) != _shapes(state):
+    raise ValueError(
+        f"The checkpoint at step {step} in {mngr.directory} does not fit this config's "
+        f"model and optimizer (was it written by another experiment?). Use a new "
+        f"--workdir, or the config that wrote it.")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   args = {"state": ocp.args.StandardRestore(abstract)}
   if train_iter is not None:
     args["data"] = grain.checkpoint.CheckpointRestore(train_iter)
-  try:
-    return mngr.restore(step, args=ocp.args.Composite(**args)).state
-  except ValueError as e:
-    raise ValueError(
-        f"The checkpoint at step {step} in {mngr.directory} does not fit this config's "
-        f"model and optimizer (was it written by another experiment?). Use a new "
-        f"--workdir, or the config that wrote it.") from e
+  return mngr.restore(step, args=ocp.args.Composite(**args)).state
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """One boolean: every float leaf of `tree` is finite (one fused reduction)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state, train_iter=None, *,
+                   move_corrupt: bool = True):
+  """(state, step) of the newest checkpoint that restores and is finite; (state, None)
+  if there is none.
+
+  A newer checkpoint that fails (missing `_METADATA`, a truncated or deleted array
+  file, NaN/Inf inside) is moved to `checkpoints/corrupt-<step>/` (when `move_corrupt`)
+  with a warning naming the error, and the one before is tried. Raises ValueError if
+  the saved tree belongs to another model, CorruptCheckpointError if even the oldest
+  checkpoint fails (it is left in place).
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      restored = restore(mngr, step, state, train_iter)
+      if not bool(all_finite(restored)):
+        raise FloatingPointError("it holds NaN or Inf values")
+      if i:
+        mngr.reload()  # Forget the moved steps.
+      return restored, step
+    except ValueError as e:
+      if "another experiment" in str(e):
+        raise
+      error = e
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore errors vary.
+      error = e
+    what = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if i == len(steps) - 1:
+      raise CorruptCheckpointError(
+          f"The checkpoint at step {step} in {mngr.directory} cannot be restored ({what}) "
+          f"and there is no earlier one. Move it away to start over, or use a new "
+          f"--workdir.") from error
+    where = "left in place"
+    if move_corrupt and jax.process_index() == 0:
+      dest = os.path.join(str(mngr.directory), f"corrupt-{step}")
+      while os.path.exists(dest):
+        dest += "-again"
+      os.rename(os.path.join(str(mngr.directory), str(step)), dest)
+      where = f"moved to {dest}"
+    logging.warning("Checkpoint %d in %s cannot be restored (%s); %s. Resuming from step "
+                    "%d instead.", step, mngr.directory, what, where, steps[i + 1])
+  return state, None
 
 
 def read_config(workdir: str) -> dict:

@@ -30,6 +30,7 @@ from clu import periodic_actions
 from mmjax import evals
 from mmjax.data import pipeline
 from mmjax.train import checkpoints
+from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
 from mmjax.train import sharding as sharding_lib
@@ -83,8 +84,13 @@ def _make_train_step(task, opt: optim.Optimizer):
     params = optax.apply_updates(state.params, updates)
     new_state = task.after_update(state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, extras=extras))
+    # 1 if the loss, the gradients and the whole new state are finite: one fused
+    # reduction, fetched with the other metrics (no extra host sync per step).
+    finite = checkpoints.all_finite((loss, grads, new_state.params, new_state.opt_state,
+                                     new_state.extras))
     metrics = {"train/loss": loss, "train/learning_rate": opt.schedule(state.step),
-               "train/grad_norm": optax.tree.norm(grads), **metrics}
+               "train/grad_norm": optax.tree.norm(grads),
+               "train/finite": finite.astype(jnp.float32), **metrics}
     return new_state, metrics
 
   return train_step
@@ -113,15 +119,24 @@ def jit_train_step(task, opt: optim.Optimizer, mesh):
                  out_shardings=(repl, repl), donate_argnums=0)
 
 
-def _check_finite(rows: list[tuple[int, dict]], mngr):
+def _check_finite(rows: list[tuple[int, dict]], mngr, max_loss: float | None):
+  """Raises FloatingPointError at the first step whose state is not finite, or whose
+  loss is above `max_loss`. Pops "train/finite" from the rows."""
   for step, row in rows:
-    loss = row["train/loss"]
-    if not np.isfinite(loss):
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"train/loss is {loss} at step {step}. Stopped; the last good checkpoint is "
-          f"step {mngr.latest_step()} in {mngr.directory}. Lower the learning rate or "
-          f"clip gradients (config.optimizer.grad_clip_norm).")
+    finite = row.pop("train/finite")
+    loss, grad_norm = row["train/loss"], row["train/grad_norm"]
+    if finite and (max_loss is None or loss <= max_loss):
+      continue
+    what = (f"the loss ({loss:.4g}) is above config.max_loss={max_loss}" if finite else
+            f"the loss, gradients or new parameters are NaN/Inf (loss {loss:.4g}, "
+            f"gradient norm {grad_norm:.4g})")
+    mngr.wait_until_finished()
+    last = mngr.latest_step()
+    saved = (f"the last checkpoint, step {last} in {mngr.directory}, is finite" if last
+             is not None else "no checkpoint was saved")
+    raise FloatingPointError(
+        f"Stopped at step {step}: {what}; {saved}. Lower the learning rate or clip "
+        f"gradients (config.optimizer.grad_clip_norm).")
 
 
 def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]):
@@ -156,16 +171,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
                        mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Trains `task` as `config` says, in `workdir`; resumes from its last checkpoint.
 
-  Returns the metrics written at the last step (train and eval).
+  Before anything is compiled: the config is validated (`guards.validate`), the
+  workdir locked (`checkpoints.WorkdirLock`), and a restart's config compared with the
+  first run's (`guards.check_restart`). Returns the metrics written at the last step
+  (train and eval). Raises FloatingPointError at the first non-finite step (or loss
+  above `config.max_loss`); every checkpoint saved before it is finite.
   """
   sharding_lib.check_batch_size(config.global_batch_size, mesh)
+  guards.validate(config)
+  with checkpoints.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, task, mesh)
+
+
+def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   is_main = jax.process_index() == 0
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+  guards.check_restart(config, workdir, mngr.latest_step(), write=is_main)
   task.setup()
   evaluators = evals.build(config, task)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # Data: each process reads its own share of every global batch.
   data_sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
@@ -178,14 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es).", n_params,
                n_frozen, mesh.devices.size, jax.process_count())
 
-  # Resume from the last checkpoint of this workdir, if any.
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  if (latest := mngr.latest_step()) is not None:
-    state = checkpoints.restore(mngr, latest, state, train_iter)
+  # Resume from the last good checkpoint of this workdir, if any; metrics and
+  # TensorBoard keep only the steps up to it (none when starting from scratch).
+  state, latest = checkpoints.restore_latest(mngr, state, train_iter)
+  if latest is not None:
     logging.info("Resumed from step %d in %s", latest, mngr.directory)
-    if is_main:
-      metrics_lib.truncate_jsonl(jsonl, latest)
+  if is_main:
+    metrics_lib.truncate(workdir, latest or 0)
   start = int(state.step)
 
   writer = metrics_lib.create_writer(workdir, is_main)
@@ -211,13 +233,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
       if not (do_log or due or do_ckpt):
         continue
 
-      # Fetch the metrics of the steps since the last flush; stop on NaN/Inf
-      # before anything is saved, so the last checkpoint stays a good one.
+      # Fetch the metrics of every step since the last flush; stop on NaN/Inf
+      # before anything is saved, so every checkpoint is finite.
       rows = [(s, jax.tree.map(float, jax.device_get(m))) for s, m in pending]
       pending.clear()
-      _check_finite(rows, mngr)
-      if do_ckpt:
-        checkpoints.save(mngr, step, state, train_iter)
+      _check_finite(rows, mngr, config.get("max_loss"))
       scalars = {}
       if do_log:
         now = time.monotonic()
@@ -230,6 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
       if do_log or due:
         writer.write_scalars(step, scalars)
         written = scalars
+      # Metrics first: a kill between the two leaves rows after the last checkpoint,
+      # which the restart drops; never a checkpoint with a step's row missing.
+      if do_ckpt:
+        checkpoints.save(mngr, step, state, train_iter)
       if preempted and not is_last:
         logging.warning("Pre-empted: checkpoint saved at step %d, stopping.", step)
         break
@@ -256,7 +280,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
     raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
                             f"(the same command without --eval_only).")
   state, _ = create_train_state(config, task, mesh)
-  state = checkpoints.restore(mngr, step, state)
+  state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
   mngr.close()
   out_dir = os.path.join(workdir, "eval_only")
   is_main = jax.process_index() == 0
