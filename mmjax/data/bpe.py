@@ -1,0 +1,125 @@
+"""CLIP's byte-level BPE tokenizer: the token ids of open_clip.tokenize, without PyTorch.
+
+The vocabulary is OpenAI's merges file `bpe_simple_vocab_16e6.txt.gz` (MIT licence),
+given by path: it ships inside the open_clip package (`open_clip/bpe_simple_vocab_16e6.txt.gz`)
+and OpenAI's CLIP repository (`clip/bpe_simple_vocab_16e6.txt.gz`); the tests carry a copy
+under tests/fixtures/clip/.
+
+Text is cleaned as open_clip's default `clean="lower"` does (ftfy, HTML unescaping twice,
+whitespace collapsed, lower-cased), split with CLIP's regular expression, and each piece's
+UTF-8 bytes are merged by the BPE model of the `tokenizers` library (end-of-word suffix
+"</w>"). Each row is <start_of_text>, the ids, <end_of_text>, then zeros; rows too long are
+cut to `context_length` with <end_of_text> last.
+"""
+import gzip
+import html
+import os
+
+import numpy as np
+
+# The merges that the vocabulary uses: lines 1 .. 48894 of the file (line 0 is a header).
+_NUM_MERGES = 49152 - 256 - 2
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """The 256 bytes -> printable characters that stand for them in the vocabulary."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+def clean(text: str) -> str:
+  """open_clip's `clean="lower"`: ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
+  import ftfy  # pylint: disable=import-outside-toplevel
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return " ".join(text.split()).strip().lower()
+
+
+class ClipTokenizer:
+  """Strings -> int32 [n, context_length]: the ids open_clip.tokenize gives.
+
+  Args:
+    vocab_path: CLIP's merges file, `bpe_simple_vocab_16e6.txt.gz` (gzip or plain text).
+    context_length: row length; 77 for every OpenAI and open_clip CLIP.
+  """
+
+  def __init__(self, vocab_path: str | os.PathLike, context_length: int = 77):
+    import regex  # pylint: disable=import-outside-toplevel
+    from tokenizers import models  # pylint: disable=import-outside-toplevel
+    if context_length < 2:
+      raise ValueError(f"context_length={context_length}: room is needed for the start and "
+                       "end tokens.")
+    path = os.fspath(vocab_path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"No CLIP BPE vocabulary at {path!r}. Pass the path of bpe_simple_vocab_16e6.txt.gz: "
+          "it ships inside the open_clip package (open_clip/bpe_simple_vocab_16e6.txt.gz) and "
+          "OpenAI's CLIP repository (clip/bpe_simple_vocab_16e6.txt.gz).")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None:
+      raise ValueError(f"{path}: line {bad + 1} is {lines[bad + 1]!r}, not a merge 'A B'; "
+                       "is this CLIP's bpe_simple_vocab_16e6.txt.gz?")
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += list(SPECIAL_TOKENS)
+    self.encoder = {token: i for i, token in enumerate(vocab)}
+    self.decoder = vocab
+    self.vocab_size = len(vocab)
+    self.sot_id, self.eot_id = self.encoder[SPECIAL_TOKENS[0]], self.encoder[SPECIAL_TOKENS[1]]
+    self.context_length = context_length
+    self._byte_encoder = bytes_to_unicode()
+    self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+    self._bpe = models.BPE({t: i for t, i in self.encoder.items() if t not in SPECIAL_TOKENS},
+                           merges, end_of_word_suffix="</w>")
+    self._pattern = regex.compile("|".join(SPECIAL_TOKENS) + "|" + _PATTERN, regex.IGNORECASE)
+    self._cache = {t: [self.encoder[t]] for t in SPECIAL_TOKENS}
+
+  def _word_ids(self, word: str) -> list[int]:
+    ids = self._cache.get(word)
+    if ids is None:
+      chars = "".join(self._byte_encoder[b] for b in word.encode("utf-8"))
+      ids = self._cache[word] = [t.id for t in self._bpe.tokenize(chars)]
+    return ids
+
+  def ids(self, text: str) -> list[int]:
+    """One text -> its BPE ids, without the start and end tokens and not truncated."""
+    out = []
+    for word in self._pattern.findall(clean(text)):
+      out.extend(self._word_ids(word))
+    return out
+
+  def encode(self, texts: str | list[str]) -> np.ndarray:
+    """[n] strings (or one) -> int32 [n, context_length]; zeros after <end_of_text>."""
+    texts = [texts] if isinstance(texts, str) else texts
+    out = np.zeros((len(texts), self.context_length), np.int32)
+    for i, text in enumerate(texts):
+      ids = [self.sot_id] + self.ids(text) + [self.eot_id]
+      if len(ids) > self.context_length:
+        ids = ids[:self.context_length - 1] + [self.eot_id]
+      out[i, :len(ids)] = ids
+    return out
+
+  def decode(self, tokens: np.ndarray) -> list[str]:
+    """[n, len] ids -> the texts between the start token and the first end token (cleaned)."""
+    texts = []
+    for row in np.asarray(tokens).reshape(-1, np.shape(tokens)[-1]):
+      row = [int(t) for t in row]
+      row = row[1:] if row and row[0] == self.sot_id else row
+      row = row[:row.index(self.eot_id)] if self.eot_id in row else row
+      chars = "".join(self.decoder[t] for t in row if t < self.sot_id)
+      text = bytearray(self._byte_decoder[c] for c in chars).decode("utf-8", "replace")
+      texts.append(text.replace("</w>", " ").strip())
+    return texts
