@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import losses
+from mmjax.data import tokenizer
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
 
@@ -16,6 +17,15 @@ class CLIP(nn.Module):
   The temperature is learned as `logit_scale` = log(1 / temperature), initialised to
   log(1 / 0.07) and clamped at log(100) when used. With `sigmoid=True` (SigLIP) it
   starts at log(10) and a learned `logit_bias` starts at -10.
+
+  `openai_layout=True` is the architecture of OpenAI's CLIP and open_clip's ViT CLIPs:
+  bias-free patch embedding, a position embedding on the class token too, a LayerNorm
+  before the image encoder (`ln_pre`) and after it (the encoder's final LayerNorm is
+  `ln_post`), the text pooled at its highest token id (the end-of-text token), LayerNorm
+  epsilon 1e-5, and `activation` "quick_gelu" (OpenAI's weights and open_clip's
+  "-quickgelu" models) or "gelu_exact" (open_clip's others). `image_dims` sizes the image
+  tower freely; mmjax.interop.open_clip sets all of these from a checkpoint. The defaults
+  keep mmjax's own layout and parameters.
   """
   image_variant: str = "mu/4"
   image_pool: str = "tok"
@@ -26,11 +36,23 @@ class CLIP(nn.Module):
   max_text_len: int = 32
   embed_dim: int = 64
   sigmoid: bool = False
+  image_dims: tuple[int, int, int, int] | None = None  # (width, depth, mlp_dim, heads).
+  text_vocab_size: int = tokenizer.VOCAB_SIZE
+  openai_layout: bool = False
+  activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
 
   def setup(self):
-    self.image_tower = ViT(self.image_variant, pool=self.image_pool)
+    openai = self.openai_layout
+    eps = 1e-5 if openai else 1e-6
+    self.image_tower = ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
+                           class_token=True if openai else None, patch_bias=not openai,
+                           class_pos_embedding=openai, ln_pre=openai,
+                           activation=self.activation, layernorm_epsilon=eps)
     self.text_tower = TextTransformer(self.text_width, self.text_depth, self.text_heads,
-                                      self.text_mlp_dim, max_len=self.max_text_len)
+                                      self.text_mlp_dim, vocab_size=self.text_vocab_size,
+                                      max_len=self.max_text_len,
+                                      pool="argmax" if openai else "eos",
+                                      activation=self.activation, layernorm_epsilon=eps)
     self.image_proj = nn.Dense(self.embed_dim, use_bias=False)
     self.text_proj = nn.Dense(self.embed_dim, use_bias=False)
     init = math.log(10.0) if self.sigmoid else math.log(1 / 0.07)

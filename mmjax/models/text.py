@@ -13,6 +13,10 @@ class TextTransformer(nn.Module):
 
   With `return_sequence=True`, every position's final state [batch, len, width]: the
   text context that a diffusion U-Net cross-attends to.
+
+  `pool="argmax"` reads the state at the highest token id instead (OpenAI's CLIP, whose
+  end-of-text token has the highest id); with `activation="quick_gelu"` or "gelu_exact"
+  and `layernorm_epsilon=1e-5` this is open_clip's TextTransformer.
   """
   width: int = 64
   depth: int = 2
@@ -20,6 +24,9 @@ class TextTransformer(nn.Module):
   mlp_dim: int = 256
   vocab_size: int = tokenizer.VOCAB_SIZE
   max_len: int = 32
+  pool: str = "eos"  # "eos": the first tokenizer.EOS; "argmax": the highest id.
+  activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
+  layernorm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens: jax.Array, return_sequence: bool = False) -> jax.Array:
@@ -29,9 +36,15 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
     pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.max_len, self.width))
     x = x + pos[:tokens.shape[1]]
-    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, name="encoder")(
-        x, attention.causal_mask(tokens.shape[1]))
+    if self.pool not in ("eos", "argmax"):
+      raise ValueError(f"TextTransformer: pool={self.pool!r}: use 'eos' or 'argmax'.")
+    encoder = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
+                                  self.layernorm_epsilon, name="encoder")
+    x = encoder(x, attention.causal_mask(tokens.shape[1]))
     if return_sequence:
       return x
-    eos = jnp.argmax(tokens == tokenizer.EOS, axis=1)  # First EOS; causal, so PAD after it is unseen.
+    if self.pool == "argmax":
+      eos = jnp.argmax(tokens, axis=1)
+    else:  # The first EOS; causal, so PAD after it is unseen.
+      eos = jnp.argmax(tokens == tokenizer.EOS, axis=1)
     return x[jnp.arange(x.shape[0]), eos]

@@ -15,13 +15,21 @@ VARIANTS = {
 }
 
 
-def parse_variant(variant: str) -> dict:
-  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch=16)."""
+def parse_variant(variant: str, dims: tuple[int, int, int, int] | None = None) -> dict:
+  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch=16).
+
+  With `dims` = (width, depth, mlp_dim, num_heads) the sizes are those and the variant's
+  name is only a label (e.g. "clip/32"): checkpoints of any size load.
+  """
   name, _, patch = variant.partition("/")
-  if name not in VARIANTS or not patch.isdigit():
+  if (dims is None and name not in VARIANTS) or not patch.isdigit():
     raise ValueError(f"Unknown ViT variant {variant!r}: use NAME/PATCH with NAME in "
-                     f"{sorted(VARIANTS)}, e.g. 'B/16' or 'mu/4'.")
-  width, depth, mlp_dim, heads = VARIANTS[name]
+                     f"{sorted(VARIANTS)}, e.g. 'B/16' or 'mu/4' (or give dims=(width, depth, "
+                     "mlp_dim, num_heads) for other sizes).")
+  if dims is not None and (len(dims) != 4 or dims[0] % dims[3]):
+    raise ValueError(f"ViT dims={dims}: give (width, depth, mlp_dim, num_heads) with width "
+                     "divisible by num_heads.")
+  width, depth, mlp_dim, heads = VARIANTS[name] if dims is None else dims
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch=int(patch))
 
 
@@ -33,14 +41,26 @@ class ViT(nn.Module):
   `class_token` says so (default: only for pool="tok"); the parameters are the same
   whatever the pooling ("embedding", "pos_embedding", "cls" with a class token,
   "encoder"), so a tower trained in one place (CLIP) loads in another.
+
+  OpenAI's CLIP layout (open_clip's VisionTransformer) is `patch_bias=False,
+  class_pos_embedding=True, ln_pre=True, class_token=True, layernorm_epsilon=1e-5` and
+  `activation="quick_gelu"` (OpenAI's weights) or "gelu_exact"; the encoder's final
+  LayerNorm is its `ln_post`. `ln_pre` adds the parameters "ln_pre"; the defaults keep
+  mmjax's own layout.
   """
   variant: str = "mu/4"
   pool: str = "tok"  # "tok": the class token; "gap": mean over patch tokens; "none".
   class_token: bool | None = None  # Default: pool == "tok".
+  dims: tuple[int, int, int, int] | None = None  # (width, depth, mlp_dim, heads): parse_variant.
+  patch_bias: bool = True  # A bias in the patch embedding.
+  class_pos_embedding: bool = False  # The position embedding covers the class token too.
+  ln_pre: bool = False  # A LayerNorm on the embedded tokens before the encoder.
+  activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
+  layernorm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    v = parse_variant(self.variant)
+    v = parse_variant(self.variant, self.dims)
     p = v["patch"]
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"ViT {self.variant} expects [batch, height, width, channels] with "
@@ -50,13 +70,24 @@ class ViT(nn.Module):
     class_token = self.pool == "tok" if self.class_token is None else self.class_token
     if self.pool == "tok" and not class_token:
       raise ValueError("ViT: pool='tok' needs class_token=True.")
-    x = nn.Conv(v["width"], (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+    if self.class_pos_embedding and not class_token:
+      raise ValueError("ViT: class_pos_embedding=True needs class_token=True.")
+    x = nn.Conv(v["width"], (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
+                name="embedding")(images)
     x = x.reshape(x.shape[0], -1, v["width"])  # [batch, patches, width]
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]))
+    pos_shape = (1, x.shape[1] + int(self.class_pos_embedding), v["width"])
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), pos_shape)
+    if not self.class_pos_embedding:
+      x = x + pos
     if class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, v["width"]))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, v["width"])), x], axis=1)
-    x = transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], name="encoder")(x)
+    if self.class_pos_embedding:
+      x = x + pos
+    if self.ln_pre:
+      x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln_pre")(x)
+    x = transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], self.activation,
+                            self.layernorm_epsilon, name="encoder")(x)
     if self.pool == "tok":
       return x[:, 0]
     if self.pool == "gap":
