@@ -1,0 +1,6 @@
+"""Weights in and out of other libraries' checkpoint files (safetensors, read with NumPy).
+
+open_clip: OpenAI / open_clip ViT CLIP <-> mmjax.models.CLIP.
+
+Importing a module here reads no file and imports no other framework.
+"""

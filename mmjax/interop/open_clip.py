@@ -1,0 +1,374 @@
+"""OpenAI / open_clip ViT CLIP state dicts (safetensors) <-> mmjax CLIP parameters.
+
+  model, params = open_clip.load("ViT-B-32.safetensors", quick_gelu=True)
+  out = model.apply({"params": params}, images_nhwc, tokens)  # tokens: data.bpe.ClipTokenizer
+  open_clip.export(params, model, "exported.safetensors")    # open_clip loads it back
+
+The files are read and written with safetensors' NumPy API: no PyTorch. Sizes (widths,
+depths, MLP widths, patch, image size, context length, vocabulary, embedding width) come
+from the tensors' shapes, so B/32, B/16, L/14 and other ViT sizes load alike. Two things
+are not in the shapes: the activation (`quick_gelu=True` for OpenAI's weights and
+open_clip's "-quickgelu" models, False for open_clip's others) and the head counts
+(`vision_heads`, `text_heads`; by default width / 64, true of every OpenAI and open_clip
+ViT CLIP up to ViT-bigG's image tower). Files written by `export` record both in their
+metadata, and `load` reads them from there.
+
+Layouts read: open_clip's `CLIP` ("visual.*", "transformer.*", "token_embedding.weight",
+...), its `CustomTextCLIP` with a built-in text tower ("text.*"), either with a "module."
+prefix. Not covered: ResNet image towers, timm or Hugging Face towers, attention pooling.
+A file that is not such a state dict, or whose shapes disagree, raises CheckpointError
+naming the first key that differs with the shape expected and the shape found.
+"""
+import json
+import os
+import re
+
+import numpy as np
+
+# OpenAI's JIT archives carry these scalars beside the weights; open_clip drops them too.
+_IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
+METADATA_KEY = "mmjax.open_clip_config"
+
+
+class CheckpointError(ValueError):
+  """A weights file that is not the state dict expected, or whose shapes differ."""
+
+
+def _mismatch(path, key, expected, found, hint=""):
+  found = "missing" if found is None else f"shape {tuple(found)}"
+  return CheckpointError(f"{path}: key {key!r}: expected shape {tuple(expected)}, found {found}."
+                         + (" " + hint if hint else ""))
+
+
+def read_state_dict(path: str | os.PathLike, keys: bool = True) -> tuple[dict, dict]:
+  """A safetensors file -> ({key: np.ndarray}, metadata); with keys=False only the shapes.
+
+  The "module." prefix of a data-parallel save is removed, and so is "text." of
+  open_clip's CustomTextCLIP layout; OpenAI's scalar entries are dropped.
+  """
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No weights file at {path!r}.")
+  try:
+    with safe_open(path, framework="np") as f:
+      metadata = f.metadata() or {}
+      out = {}
+      for name in f.keys():
+        if name.removeprefix("module.") in _IGNORED_KEYS:
+          continue
+        if keys:
+          dtype = f.get_slice(name).get_dtype()
+          if dtype == "BF16":
+            raise CheckpointError(f"{path}: {name!r} is bfloat16, which NumPy cannot hold; save "
+                                  "the state dict as float32 or float16.")
+          out[name] = f.get_tensor(name)
+        else:
+          out[name] = tuple(f.get_slice(name).get_shape())
+  except CheckpointError:
+    raise
+  except Exception as e:  # safetensors raises its own error type for a corrupt file.
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e}). Convert a PyTorch "
+                          "checkpoint with safetensors.torch.save_file(model.state_dict(), "
+                          "path).") from e
+  if out and all(k.startswith("module.") for k in out):
+    out = {k[len("module."):]: v for k, v in out.items()}
+  out = {k[len("text."):] if k.startswith("text.") else k: v for k, v in out.items()}
+  for k in ("logit_scale", "logit_bias"):  # open_clip's nonscalar_logit_scale: shape [1].
+    if k in out and _shape(out[k]) == (1,):
+      out[k] = () if not keys else out[k].reshape(())
+  return out, metadata
+
+
+def _shape(x):
+  return tuple(x) if isinstance(x, tuple) else tuple(np.shape(x))
+
+
+def _num_blocks(shapes: dict, prefix: str) -> int:
+  pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+  found = [int(m.group(1)) for k in shapes if (m := pat.match(k))]
+  return max(found) + 1 if found else 0
+
+
+def infer_config(shapes: dict, path: str = "state dict") -> dict:
+  """{key: shape or array} -> open_clip's model config (embed_dim, vision_cfg, text_cfg).
+
+  Head counts and the activation are not in the shapes; see `load`.
+  """
+  shapes = {k: _shape(v) for k, v in shapes.items()}
+
+  def need(key, rank, pattern):
+    s = shapes.get(key)
+    if s is None or len(s) != rank:
+      raise _mismatch(path, key, pattern, s,
+                      "Is this an open_clip / OpenAI CLIP ViT state dict? Its keys begin "
+                      f"{sorted(shapes)[:3]}.")
+    return s
+
+  vw, channels, p, p2 = need("visual.conv1.weight", 4, ("vision_width", 3, "patch", "patch"))
+  if channels != 3 or p != p2:
+    raise _mismatch(path, "visual.conv1.weight", (vw, 3, p, p), (vw, channels, p, p2))
+  n_pos, _ = need("visual.positional_embedding", 2, ("1 + grid**2", vw))
+  grid = int(round((n_pos - 1) ** 0.5))
+  if grid * grid + 1 != n_pos:
+    raise _mismatch(path, "visual.positional_embedding", ("1 + grid**2", vw), (n_pos, _))
+  vision_mlp = need("visual.transformer.resblocks.0.mlp.c_fc.weight", 2, ("mlp_dim", vw))[0]
+  vocab, tw = need("token_embedding.weight", 2, ("vocab_size", "text_width"))
+  ctx = need("positional_embedding", 2, ("context_length", tw))[0]
+  text_mlp = need("transformer.resblocks.0.mlp.c_fc.weight", 2, ("mlp_dim", tw))[0]
+  embed_dim = need("text_projection", 2, (tw, "embed_dim"))[1]
+  return {
+      "embed_dim": int(embed_dim),
+      "vision_cfg": {"image_size": int(grid * p), "patch_size": int(p), "width": int(vw),
+                     "layers": _num_blocks(shapes, "visual.transformer.resblocks."),
+                     "mlp_ratio": vision_mlp / vw},
+      "text_cfg": {"context_length": int(ctx), "vocab_size": int(vocab), "width": int(tw),
+                   "layers": _num_blocks(shapes, "transformer.resblocks."),
+                   "mlp_ratio": text_mlp / tw},
+      "logit_bias": "logit_bias" in shapes,
+  }
+
+
+def expected_shapes(config: dict) -> dict:
+  """open_clip's state-dict keys for `config` -> their shapes, in open_clip's order."""
+  v, t, e = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
+  vw, tw, p = v["width"], t["width"], v["patch_size"]
+  grid = v["image_size"] // p
+
+  def blocks(prefix, w, layers, mlp):
+    out = {}
+    for i in range(layers):
+      b = f"{prefix}{i}."
+      out.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,),
+                  b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
+                  b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
+                  b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
+                  b + "mlp.c_fc.weight": (mlp, w), b + "mlp.c_fc.bias": (mlp,),
+                  b + "mlp.c_proj.weight": (w, mlp), b + "mlp.c_proj.bias": (w,)})
+    return out
+
+  out = {"positional_embedding": (t["context_length"], tw), "text_projection": (tw, e),
+         "logit_scale": ()}
+  if config.get("logit_bias"):
+    out["logit_bias"] = ()
+  out.update({"visual.class_embedding": (vw,), "visual.positional_embedding": (grid**2 + 1, vw),
+              "visual.proj": (vw, e), "visual.conv1.weight": (vw, 3, p, p),
+              "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,)})
+  out.update(blocks("visual.transformer.resblocks.", vw, v["layers"],
+                    round(vw * v["mlp_ratio"])))
+  out.update({"visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,)})
+  out.update(blocks("transformer.resblocks.", tw, t["layers"], round(tw * t["mlp_ratio"])))
+  out.update({"token_embedding.weight": (t["vocab_size"], tw), "ln_final.weight": (tw,),
+              "ln_final.bias": (tw,)})
+  return out
+
+
+def check_shapes(shapes: dict, config: dict, path: str = "state dict") -> None:
+  """Raises CheckpointError at the first key missing, of another shape, or unexpected."""
+  shapes = {k: _shape(s) for k, s in shapes.items()}
+  expected = expected_shapes(config)
+  for key, shape in expected.items():
+    if shapes.get(key) != shape:
+      raise _mismatch(path, key, shape, shapes.get(key))
+  extra = [k for k in shapes if k not in expected]
+  if extra:
+    raise CheckpointError(f"{path}: unexpected key {extra[0]!r} (shape {shapes[extra[0]]}) "
+                          f"among {len(extra)} not in an open_clip ViT CLIP of this size; "
+                          "ResNet, timm, Hugging Face or attention-pooled towers are not "
+                          "supported.")
+
+
+# --- The mapping: (open_clip key, mmjax path, to mmjax, to open_clip, part of the key) ---
+
+def _identity(x):
+  return x
+
+
+def _transpose(x):
+  return x.T
+
+
+def _specs(config: dict, vision_heads: int, text_heads: int) -> list:
+  """One entry per mmjax leaf: (key, path, to_mmjax, to_open_clip, part)."""
+  v, t = config["vision_cfg"], config["text_cfg"]
+  specs = []
+
+  def add(key, path, fwd=_identity, inv=_identity, part=0):
+    specs.append((key, tuple(path.split("/")), fwd, inv, part))
+
+  def ln(key, path):
+    add(key + ".weight", path + "/scale")
+    add(key + ".bias", path + "/bias")
+
+  def blocks(prefix, path, w, layers, heads):
+    d = w // heads
+    for i in range(layers):
+      b, j = f"{prefix}{i}.", f"{path}/block{i}"
+      ln(b + "ln_1", j + "/ln1")
+      for part, name in enumerate(("query", "key", "value")):
+        rows = slice(part * w, (part + 1) * w)
+        add(b + "attn.in_proj_weight", f"{j}/attention/{name}/kernel",
+            lambda x, r=rows: x[r].T.reshape(w, heads, d), lambda k: k.reshape(w, w).T, part)
+        add(b + "attn.in_proj_bias", f"{j}/attention/{name}/bias",
+            lambda x, r=rows: x[r].reshape(heads, d), lambda k: k.reshape(w), part)
+      add(b + "attn.out_proj.weight", f"{j}/attention/out/kernel",
+          lambda x: x.T.reshape(heads, d, w), lambda k: k.reshape(w, w).T)
+      add(b + "attn.out_proj.bias", f"{j}/attention/out/bias")
+      ln(b + "ln_2", j + "/ln2")
+      add(b + "mlp.c_fc.weight", f"{j}/mlp/fc1/kernel", _transpose, _transpose)
+      add(b + "mlp.c_fc.bias", f"{j}/mlp/fc1/bias")
+      add(b + "mlp.c_proj.weight", f"{j}/mlp/fc2/kernel", _transpose, _transpose)
+      add(b + "mlp.c_proj.bias", f"{j}/mlp/fc2/bias")
+
+  vw = v["width"]
+  add("visual.class_embedding", "image_tower/cls", lambda x: x.reshape(1, 1, vw),
+      lambda x: x.reshape(vw))
+  add("visual.positional_embedding", "image_tower/pos_embedding", lambda x: x[None],
+      lambda x: x[0])
+  add("visual.conv1.weight", "image_tower/embedding/kernel",
+      lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+  ln("visual.ln_pre", "image_tower/ln_pre")
+  blocks("visual.transformer.resblocks.", "image_tower/encoder", vw, v["layers"], vision_heads)
+  ln("visual.ln_post", "image_tower/encoder/ln_final")
+  add("visual.proj", "image_proj/kernel")
+  add("token_embedding.weight", "text_tower/token_embedding/embedding")
+  add("positional_embedding", "text_tower/pos_embedding")
+  blocks("transformer.resblocks.", "text_tower/encoder", t["width"], t["layers"], text_heads)
+  ln("ln_final", "text_tower/encoder/ln_final")
+  add("text_projection", "text_proj/kernel")
+  add("logit_scale", "logit_scale")
+  if config.get("logit_bias"):
+    add("logit_bias", "logit_bias")
+  return specs
+
+
+def _heads(width: int, heads: int | None, tower: str) -> int:
+  heads = width // 64 if heads is None else heads
+  if heads < 1 or width % heads:
+    raise CheckpointError(f"The {tower} tower's width {width} does not split into "
+                          f"{'width / 64' if heads is None else heads} heads: pass "
+                          f"{tower}_heads= (the open_clip config's "
+                          f"{'width / head_width' if tower == 'vision' else 'heads'}).")
+  return heads
+
+
+def clip_kwargs(config: dict, quick_gelu: bool, vision_heads: int, text_heads: int) -> dict:
+  """open_clip's config -> mmjax.models.CLIP's keyword arguments (openai_layout=True)."""
+  v, t = config["vision_cfg"], config["text_cfg"]
+  return dict(
+      image_variant=f"clip/{v['patch_size']}", image_pool="tok",
+      image_dims=(v["width"], v["layers"], round(v["width"] * v["mlp_ratio"]), vision_heads),
+      text_width=t["width"], text_depth=t["layers"], text_heads=text_heads,
+      text_mlp_dim=round(t["width"] * t["mlp_ratio"]), max_text_len=t["context_length"],
+      text_vocab_size=t["vocab_size"], embed_dim=config["embed_dim"],
+      sigmoid=bool(config.get("logit_bias")), openai_layout=True,
+      activation="quick_gelu" if quick_gelu else "gelu_exact")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+  """The open_clip config of a weights file from its shapes (and metadata, if exported here).
+
+  E.g. read_config(path)["vision_cfg"]["image_size"], the resolution the model expects.
+  """
+  shapes, metadata = read_state_dict(path, keys=False)
+  config = infer_config(shapes, os.fspath(path))
+  if METADATA_KEY in metadata:
+    config = {**json.loads(metadata[METADATA_KEY]), "logit_bias": config["logit_bias"]}
+  return config
+
+
+def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
+         vision_heads: int | None = None, text_heads: int | None = None,
+         dtype=np.float32):
+  """A safetensors open_clip / OpenAI ViT CLIP state dict -> (mmjax CLIP, params).
+
+  Args:
+    path: the .safetensors file.
+    quick_gelu: True for OpenAI's weights and open_clip's "-quickgelu" models, False for
+      the other open_clip models. Read from the file's metadata when `export` wrote it.
+    vision_heads, text_heads: attention heads; default width / 64 (or the metadata's).
+    dtype: the parameters' dtype (float16 files are widened to float32 by default).
+
+  Returns:
+    (model, params): model.apply({"params": params}, images [b, h, w, 3], tokens [b, ctx])
+    gives open_clip's normalised image and text embeddings; images are NHWC, normalised
+    as open_clip's preprocessing does (mean/std of OpenAI's data).
+  """
+  path = os.fspath(path)
+  state, metadata = read_state_dict(path)
+  config = infer_config(state, path)
+  saved = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+  if saved is not None:
+    quick_gelu = saved["quick_gelu"] if quick_gelu is None else quick_gelu
+    vision_heads = vision_heads or saved["vision_cfg"]["width"] // saved["vision_cfg"]["head_width"]
+    text_heads = text_heads or saved["text_cfg"]["heads"]
+  if quick_gelu is None:
+    raise ValueError(f"{path}: say which activation the model uses: quick_gelu=True for "
+                     "OpenAI's weights and open_clip's '-quickgelu' models, quick_gelu=False "
+                     "for open_clip's others (their config's 'quick_gelu').")
+  check_shapes(state, config, path)
+  vision_heads = _heads(config["vision_cfg"]["width"], vision_heads, "vision")
+  text_heads = _heads(config["text_cfg"]["width"], text_heads, "text")
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from mmjax.models import clip  # pylint: disable=import-outside-toplevel
+  flat = {path_: np.asarray(fwd(state[key]), dtype)
+          for key, path_, fwd, _, _ in _specs(config, vision_heads, text_heads)}
+  model = clip.CLIP(**clip_kwargs(config, quick_gelu, vision_heads, text_heads))
+  return model, traverse_util.unflatten_dict(flat)
+
+
+def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
+  """mmjax CLIP parameters -> an open_clip state dict in a safetensors file; returns its config.
+
+  `model` is the CLIP module (openai_layout=True, image_pool="tok"). open_clip loads the
+  file into `open_clip.model.CLIP(**config)` (config as returned, less "quick_gelu" moved
+  to the constructor's argument of that name): see tools/make_interop_fixtures.py.
+  """
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+  from mmjax.models import vit  # pylint: disable=import-outside-toplevel
+  if not getattr(model, "openai_layout", False) or model.image_pool != "tok":
+    raise ValueError("export writes open_clip's ViT CLIP layout: the model needs "
+                     "openai_layout=True and image_pool='tok' (mmjax's own layout has no "
+                     "open_clip counterpart).")
+  if model.activation not in ("quick_gelu", "gelu_exact"):
+    raise ValueError(f"activation={model.activation!r} has no open_clip counterpart: use "
+                     "'quick_gelu' or 'gelu_exact'.")
+  params = params.get("params", params) if set(params) == {"params"} else params
+  flat = {k: np.asarray(x) for k, x in traverse_util.flatten_dict(dict(params)).items()}
+  v = vit.parse_variant(model.image_variant, model.image_dims)
+  pos = flat.get(("image_tower", "pos_embedding"))
+  if pos is None or pos.ndim != 3:
+    raise ValueError("export: params have no image_tower/pos_embedding [1, 1 + grid**2, width]: "
+                     "are they this CLIP's parameters?")
+  grid = int(round((pos.shape[1] - 1) ** 0.5))
+  config = {
+      "embed_dim": model.embed_dim, "quick_gelu": model.activation == "quick_gelu",
+      "vision_cfg": {"image_size": grid * v["patch"], "patch_size": v["patch"],
+                     "width": v["width"], "layers": v["depth"],
+                     "head_width": v["width"] // v["num_heads"],
+                     "mlp_ratio": v["mlp_dim"] / v["width"]},
+      "text_cfg": {"context_length": model.max_text_len, "vocab_size": model.text_vocab_size,
+                   "width": model.text_width, "heads": model.text_heads,
+                   "layers": model.text_depth, "mlp_ratio": model.text_mlp_dim / model.text_width},
+  }
+  shape_config = {**config, "logit_bias": model.sigmoid}
+  specs = _specs(shape_config, v["num_heads"], model.text_heads)
+  missing = [s[1] for s in specs if s[1] not in flat]
+  extra = sorted(set(flat) - {s[1] for s in specs})
+  if missing:
+    raise ValueError(f"export: parameter {'/'.join(missing[0])} is missing: are the params "
+                     "this model's?")
+  if extra:
+    raise ValueError(f"export: parameter {'/'.join(extra[0])} has no place in an open_clip "
+                     "CLIP: are the params this model's?")
+  parts = {}
+  for key, path_, _, inv, part in specs:
+    parts.setdefault(key, {})[part] = inv(flat[path_])
+  state = {key: np.array(np.concatenate([p[i] for i in sorted(p)], axis=0) if len(p) > 1
+                         else p[0], dtype, order="C")
+           for key, p in parts.items()}
+  check_shapes(state, shape_config, "export")
+  st_numpy.save_file(state, os.fspath(path),
+                     metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
+  return config
