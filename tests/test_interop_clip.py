@@ -1,0 +1,145 @@
+"""open_clip CLIP weights in and out: parity with open_clip on random reference models.
+
+The fixtures (tests/fixtures/clip/: safetensors state dicts of two small random open_clip
+CLIPs, one QuickGELU with patch 8 and one GELU with patch 16, and their embeddings on
+fixed inputs) are made by tools/make_interop_fixtures.py; this test needs neither
+PyTorch nor open_clip.
+"""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+from mmjax.interop import open_clip as oc
+from mmjax.models import clip
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "clip"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+NAMES = sorted(MANIFEST["models"])
+
+
+def _load(name, path=None):
+  spec = MANIFEST["models"][name]
+  return oc.load(path or FIXTURES / f"{name}.safetensors", quick_gelu=spec["quick_gelu"],
+                 **spec["heads"])
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def test_fixtures_cover_two_architectures():
+  models = MANIFEST["models"]
+  assert len(models) >= 2
+  assert {m["quick_gelu"] for m in models.values()} == {True, False}
+  assert len({m["vision_cfg"]["patch_size"] for m in models.values()}) >= 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_gives_open_clip_embeddings(name):
+  ref = np.load(FIXTURES / f"{name}.npz")
+  model, params = _load(name)
+  spec = MANIFEST["models"][name]
+  assert model.openai_layout and model.image_dims[0] == spec["vision_cfg"]["width"]
+  assert model.activation == ("quick_gelu" if spec["quick_gelu"] else "gelu_exact")
+  assert model.max_text_len == spec["text_cfg"]["context_length"]
+  out = jax.jit(model.apply)({"params": params}, ref["images_nhwc"], ref["tokens"])
+  np.testing.assert_allclose(out["image_emb"], ref["image_emb"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(out["text_emb"], ref["text_emb"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(params["logit_scale"], ref["logit_scale"], rtol=0, atol=0)
+  config = oc.read_config(FIXTURES / f"{name}.safetensors")
+  assert config["vision_cfg"]["image_size"] == spec["vision_cfg"]["image_size"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_round_trip_is_exact(name, tmp_path):
+  model, params = _load(name)
+  out = tmp_path / "exported.safetensors"
+  oc.export(params, model, out)
+  original, exported = st_numpy.load_file(FIXTURES / f"{name}.safetensors"), st_numpy.load_file(out)
+  assert original.keys() == exported.keys()
+  for key in original:
+    assert original[key].shape == exported[key].shape and np.array_equal(original[key],
+                                                                         exported[key]), key
+  # The exported file records the activation and heads: no arguments needed.
+  model_again, params_again = oc.load(out)
+  assert model_again == model
+  _assert_trees_equal(params_again, params)
+
+
+def test_mmjax_checkpoint_round_trip_is_exact(tmp_path):
+  model, _ = _load(NAMES[0])
+  data = np.load(FIXTURES / f"{NAMES[0]}.npz")
+  params = model.init(jax.random.PRNGKey(3), data["images_nhwc"], data["tokens"])["params"]
+  oc.export({"params": params}, model, tmp_path / "a.safetensors")
+  model_again, params_again = oc.load(tmp_path / "a.safetensors")
+  assert model_again == model
+  _assert_trees_equal(params_again, jax.tree.map(np.asarray, params))
+
+
+def test_export_refuses_mmjax_layout(tmp_path):
+  model = clip.CLIP(max_text_len=8)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  with pytest.raises(ValueError, match="openai_layout=True"):
+    oc.export(params, model, tmp_path / "x.safetensors")
+
+
+@pytest.fixture
+def state():
+  return st_numpy.load_file(FIXTURES / f"{NAMES[0]}.safetensors")
+
+
+def _load_error(tmp_path, tensors, **kw):
+  path = tmp_path / "bad.safetensors"
+  st_numpy.save_file(tensors, path)
+  with pytest.raises(oc.CheckpointError) as e:
+    oc.load(path, quick_gelu=True, **kw)
+  return str(e.value)
+
+
+def test_missing_key_is_named_with_its_shape(tmp_path, state):
+  key = "visual.transformer.resblocks.1.attn.out_proj.bias"
+  width = state[key].shape[0]
+  del state[key]
+  msg = _load_error(tmp_path, state)
+  assert f"key {key!r}: expected shape ({width},), found missing" in msg
+
+
+def test_wrong_shape_is_named_with_both_shapes(tmp_path, state):
+  key = "transformer.resblocks.0.attn.in_proj_weight"
+  expected = state[key].shape
+  state[key] = state[key][:-3]
+  msg = _load_error(tmp_path, state)
+  assert f"key {key!r}: expected shape {expected}, found shape {state[key].shape}" in msg
+
+
+def test_unexpected_key_is_named(tmp_path, state):
+  state["visual.attn_pool.query"] = np.zeros((4, 8), np.float32)
+  assert "unexpected key 'visual.attn_pool.query' (shape (4, 8))" in _load_error(tmp_path, state)
+
+
+def test_unet_file_is_not_a_clip(tmp_path):
+  unet = {"conv_in.weight": np.zeros((32, 4, 3, 3), np.float32),
+          "down_blocks.0.resnets.0.conv1.weight": np.zeros((32, 32, 3, 3), np.float32),
+          "time_embedding.linear_1.weight": np.zeros((128, 32), np.float32)}
+  msg = _load_error(tmp_path, unet)
+  assert "key 'visual.conv1.weight': expected shape ('vision_width', 3, 'patch', 'patch'), " \
+         "found missing" in msg and "conv_in.weight" in msg
+
+
+def test_not_safetensors_and_missing_arguments(tmp_path):
+  junk = tmp_path / "junk.safetensors"
+  junk.write_bytes(b"\x00" * 64)
+  with pytest.raises(oc.CheckpointError, match="not a readable safetensors file"):
+    oc.load(junk, quick_gelu=True)
+  with pytest.raises(ValueError, match="quick_gelu=True for OpenAI's weights"):
+    oc.load(FIXTURES / f"{NAMES[0]}.safetensors")
+  with pytest.raises(oc.CheckpointError, match="pass vision_heads="):
+    oc.load(FIXTURES / f"{NAMES[0]}.safetensors", quick_gelu=True, vision_heads=5)
