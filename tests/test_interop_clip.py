@@ -143,3 +143,36 @@ def test_not_safetensors_and_missing_arguments(tmp_path):
     oc.load(FIXTURES / f"{NAMES[0]}.safetensors")
   with pytest.raises(oc.CheckpointError, match="pass vision_heads="):
     oc.load(FIXTURES / f"{NAMES[0]}.safetensors", quick_gelu=True, vision_heads=5)
+
+
+REAL = json.loads((FIXTURES / "open_clip_shapes.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_sizes_are_inferred_and_mapped(name):
+  """open_clip's own B/32 ... bigG/14 keys and shapes (no weights): sizes, heads, tree."""
+  shapes = {k: tuple(s) for k, s in REAL[name]["shapes"].items()}
+  ref = REAL[name]["config"]
+  config = oc.infer_config(shapes)
+  oc.check_shapes(shapes, config)
+  for tower in ("vision_cfg", "text_cfg"):
+    for key, value in ref[tower].items():
+      if key == "mlp_ratio":  # open_clip's MLP width is int(width * mlp_ratio).
+        width = ref[tower]["width"]
+        assert int(width * value) == int(width * config[tower][key]), tower
+      elif key in config[tower]:
+        assert config[tower][key] == value, (tower, key)
+  assert config["embed_dim"] == ref["embed_dim"]
+  vision_heads = oc._heads(config["vision_cfg"]["width"], None, "vision")
+  text_heads = oc._heads(config["text_cfg"]["width"], None, "text")
+  assert vision_heads == ref["vision_cfg"]["width"] // ref["vision_cfg"].get("head_width", 64)
+  assert text_heads == ref["text_cfg"].get("heads", 8)
+  model = clip.CLIP(**oc.clip_kwargs(config, False, vision_heads, text_heads))
+  size, ctx = config["vision_cfg"]["image_size"], config["text_cfg"]["context_length"]
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+                            jax.ShapeDtypeStruct((1, ctx), jnp.int32))["params"]
+  zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+  mapped = oc.to_params(zeros, config, vision_heads, text_heads)
+  assert jax.tree.structure(mapped) == jax.tree.structure(expected)
+  assert [x.shape for x in jax.tree.leaves(mapped)] == [x.shape for x in jax.tree.leaves(expected)]

@@ -3,7 +3,8 @@
 No weights can be downloaded, so parity with open_clip is proven on small randomly
 initialised open_clip models. This script builds them with PyTorch, saves their weights
 (safetensors), their embeddings on fixed inputs (.npz) and open_clip's token ids for a few
-hundred strings (.json), copies open_clip's BPE vocabulary, and then checks from the
+hundred strings (.json), the keys and shapes of real open_clip sizes (B/32 ... bigG/14,
+no weights), copies open_clip's BPE vocabulary, and then checks from the
 PyTorch side, running mmjax in another Python (`--mmjax-python`, which needs no PyTorch):
 
   * mmjax loads each fixture and gives open_clip's embeddings within 1e-5;
@@ -58,6 +59,9 @@ MODELS = {
         heads=dict(vision_heads=3, text_heads=2)),
 }
 TOKENIZER_CONTEXTS = (77, 16)
+# Real open_clip sizes whose state-dict keys and shapes (no weights) the tests check the
+# loader's size inference and mapping against.
+REAL_SIZES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-bigG-14")
 
 
 def tokenizer_strings() -> list[str]:
@@ -215,6 +219,18 @@ def torch_side(mmjax_python: str) -> None:
     ids[str(ctx)] = [[int(t) for t in np.trim_zeros(r, "b")] for r in rows]
   _write_tokenizer_json(OUT / "tokenizer.json", texts, ids)
 
+  # Real sizes: the keys and shapes of open_clip's state dicts, built on the meta device.
+  real = {}
+  for name in REAL_SIZES:
+    config = open_clip.get_model_config(name)
+    with torch.device("meta"):
+      model = open_clip.model.CLIP(**config)
+    real[name] = {"config": config,
+                  "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
+  (OUT / "open_clip_shapes.json").write_text(
+      "{\n" + ",\n".join(f"{json.dumps(n)}: {json.dumps(r)}" for n, r in real.items())
+      + "\n}\n")
+
   # Models: random open_clip CLIPs, every parameter perturbed so that each one matters.
   reference = {}
   for i, (name, spec) in enumerate(MODELS.items()):
@@ -281,6 +297,7 @@ def torch_side(mmjax_python: str) -> None:
       "tolerance": TOLERANCE, "checks": checks,
       "models": {name: {k: v for k, v in spec.items()} for name, spec in MODELS.items()},
       "tokenizer": {"strings": len(texts), "context_lengths": list(TOKENIZER_CONTEXTS)},
+      "real_sizes": list(REAL_SIZES),
       "files": {p.name: {"bytes": p.stat().st_size,
                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files},
   }

@@ -9,13 +9,16 @@ depths, MLP widths, patch, image size, context length, vocabulary, embedding wid
 from the tensors' shapes, so B/32, B/16, L/14 and other ViT sizes load alike. Two things
 are not in the shapes: the activation (`quick_gelu=True` for OpenAI's weights and
 open_clip's "-quickgelu" models, False for open_clip's others) and the head counts
-(`vision_heads`, `text_heads`; by default width / 64, true of every OpenAI and open_clip
-ViT CLIP up to ViT-bigG's image tower). Files written by `export` record both in their
-metadata, and `load` reads them from there.
+(`vision_heads`, `text_heads`). By default the heads are width / 64, as in every open_clip
+ViT config, except 16 image-tower heads for the widths 1280, 1408, 1664 and 1792 (ViT-H,
+-g, -bigG, -e). Files written by `export` record both in their metadata, and `load`
+reads them from there.
 
 Layouts read: open_clip's `CLIP` ("visual.*", "transformer.*", "token_embedding.weight",
 ...), its `CustomTextCLIP` with a built-in text tower ("text.*"), either with a "module."
-prefix. Not covered: ResNet image towers, timm or Hugging Face towers, attention pooling.
+prefix. Not covered: ResNet image towers, timm or Hugging Face towers, attention pooling, and
+configs whose pooling is not in the shapes (CLIPA's average pooling, the "worldwide"
+models' text pooled at a tokenizer's EOS id): those load, but give other embeddings.
 A file that is not such a state dict, or whose shapes disagree, raises CheckpointError
 naming the first key that differs with the shape expected and the shape found.
 """
@@ -84,6 +87,14 @@ def _shape(x):
   return tuple(x) if isinstance(x, tuple) else tuple(np.shape(x))
 
 
+def _mlp_ratio(mlp_dim: int, width: int) -> float:
+  """mlp_dim / width, nudged so that open_clip's int(width * ratio) gives mlp_dim back."""
+  ratio = mlp_dim / width
+  while int(width * ratio) < mlp_dim:
+    ratio = float(np.nextafter(ratio, np.inf))
+  return ratio
+
+
 def _num_blocks(shapes: dict, prefix: str) -> int:
   pat = re.compile(re.escape(prefix) + r"(\d+)\.")
   found = [int(m.group(1)) for k in shapes if (m := pat.match(k))]
@@ -121,10 +132,10 @@ def infer_config(shapes: dict, path: str = "state dict") -> dict:
       "embed_dim": int(embed_dim),
       "vision_cfg": {"image_size": int(grid * p), "patch_size": int(p), "width": int(vw),
                      "layers": _num_blocks(shapes, "visual.transformer.resblocks."),
-                     "mlp_ratio": vision_mlp / vw},
+                     "mlp_ratio": _mlp_ratio(vision_mlp, vw)},
       "text_cfg": {"context_length": int(ctx), "vocab_size": int(vocab), "width": int(tw),
                    "layers": _num_blocks(shapes, "transformer.resblocks."),
-                   "mlp_ratio": text_mlp / tw},
+                   "mlp_ratio": _mlp_ratio(text_mlp, tw)},
       "logit_bias": "logit_bias" in shapes,
   }
 
@@ -155,9 +166,9 @@ def expected_shapes(config: dict) -> dict:
               "visual.proj": (vw, e), "visual.conv1.weight": (vw, 3, p, p),
               "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,)})
   out.update(blocks("visual.transformer.resblocks.", vw, v["layers"],
-                    round(vw * v["mlp_ratio"])))
+                    int(vw * v["mlp_ratio"])))
   out.update({"visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,)})
-  out.update(blocks("transformer.resblocks.", tw, t["layers"], round(tw * t["mlp_ratio"])))
+  out.update(blocks("transformer.resblocks.", tw, t["layers"], int(tw * t["mlp_ratio"])))
   out.update({"token_embedding.weight": (t["vocab_size"], tw), "ln_final.weight": (tw,),
               "ln_final.bias": (tw,)})
   return out
@@ -242,13 +253,17 @@ def _specs(config: dict, vision_heads: int, text_heads: int) -> list:
   return specs
 
 
+# Image-tower widths whose open_clip configs have 16 heads rather than width / 64.
+_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
 def _heads(width: int, heads: int | None, tower: str) -> int:
-  heads = width // 64 if heads is None else heads
+  if heads is None:
+    heads = _VISION_HEADS.get(width, width // 64) if tower == "vision" else width // 64
   if heads < 1 or width % heads:
-    raise CheckpointError(f"The {tower} tower's width {width} does not split into "
-                          f"{'width / 64' if heads is None else heads} heads: pass "
-                          f"{tower}_heads= (the open_clip config's "
-                          f"{'width / head_width' if tower == 'vision' else 'heads'}).")
+    config_value = "width / head_width" if tower == "vision" else "heads"
+    raise CheckpointError(f"The {tower} tower's width {width} does not split into {heads} "
+                          f"heads: pass {tower}_heads= (the open_clip config's {config_value}).")
   return heads
 
 
@@ -257,9 +272,9 @@ def clip_kwargs(config: dict, quick_gelu: bool, vision_heads: int, text_heads: i
   v, t = config["vision_cfg"], config["text_cfg"]
   return dict(
       image_variant=f"clip/{v['patch_size']}", image_pool="tok",
-      image_dims=(v["width"], v["layers"], round(v["width"] * v["mlp_ratio"]), vision_heads),
+      image_dims=(v["width"], v["layers"], int(v["width"] * v["mlp_ratio"]), vision_heads),
       text_width=t["width"], text_depth=t["layers"], text_heads=text_heads,
-      text_mlp_dim=round(t["width"] * t["mlp_ratio"]), max_text_len=t["context_length"],
+      text_mlp_dim=int(t["width"] * t["mlp_ratio"]), max_text_len=t["context_length"],
       text_vocab_size=t["vocab_size"], embed_dim=config["embed_dim"],
       sigmoid=bool(config.get("logit_bias")), openai_layout=True,
       activation="quick_gelu" if quick_gelu else "gelu_exact")
@@ -286,7 +301,8 @@ def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
     path: the .safetensors file.
     quick_gelu: True for OpenAI's weights and open_clip's "-quickgelu" models, False for
       the other open_clip models. Read from the file's metadata when `export` wrote it.
-    vision_heads, text_heads: attention heads; default width / 64 (or the metadata's).
+    vision_heads, text_heads: attention heads; by default the metadata's, or as open_clip's
+      configs have them (see the module's docstring).
     dtype: the parameters' dtype (float16 files are widened to float32 by default).
 
   Returns:
@@ -297,24 +313,31 @@ def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
   path = os.fspath(path)
   state, metadata = read_state_dict(path)
   config = infer_config(state, path)
+  check_shapes(state, config, path)
   saved = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
   if saved is not None:
     quick_gelu = saved["quick_gelu"] if quick_gelu is None else quick_gelu
-    vision_heads = vision_heads or saved["vision_cfg"]["width"] // saved["vision_cfg"]["head_width"]
+    v = saved["vision_cfg"]
+    vision_heads = vision_heads or v["width"] // v["head_width"]
     text_heads = text_heads or saved["text_cfg"]["heads"]
   if quick_gelu is None:
     raise ValueError(f"{path}: say which activation the model uses: quick_gelu=True for "
                      "OpenAI's weights and open_clip's '-quickgelu' models, quick_gelu=False "
                      "for open_clip's others (their config's 'quick_gelu').")
-  check_shapes(state, config, path)
   vision_heads = _heads(config["vision_cfg"]["width"], vision_heads, "vision")
   text_heads = _heads(config["text_cfg"]["width"], text_heads, "text")
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from mmjax.models import clip  # pylint: disable=import-outside-toplevel
-  flat = {path_: np.asarray(fwd(state[key]), dtype)
-          for key, path_, fwd, _, _ in _specs(config, vision_heads, text_heads)}
   model = clip.CLIP(**clip_kwargs(config, quick_gelu, vision_heads, text_heads))
-  return model, traverse_util.unflatten_dict(flat)
+  return model, to_params(state, config, vision_heads, text_heads, dtype)
+
+
+def to_params(state: dict, config: dict, vision_heads: int, text_heads: int,
+              dtype=np.float32) -> dict:
+  """A checked open_clip state dict {key: array} -> mmjax CLIP's parameter tree."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat = {path: np.asarray(fwd(state[key]), dtype)
+          for key, path, fwd, _, _ in _specs(config, vision_heads, text_heads)}
+  return traverse_util.unflatten_dict(flat)
 
 
 def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
@@ -347,10 +370,11 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
       "vision_cfg": {"image_size": grid * v["patch"], "patch_size": v["patch"],
                      "width": v["width"], "layers": v["depth"],
                      "head_width": v["width"] // v["num_heads"],
-                     "mlp_ratio": v["mlp_dim"] / v["width"]},
+                     "mlp_ratio": _mlp_ratio(v["mlp_dim"], v["width"])},
       "text_cfg": {"context_length": model.max_text_len, "vocab_size": model.text_vocab_size,
                    "width": model.text_width, "heads": model.text_heads,
-                   "layers": model.text_depth, "mlp_ratio": model.text_mlp_dim / model.text_width},
+                   "layers": model.text_depth,
+                   "mlp_ratio": _mlp_ratio(model.text_mlp_dim, model.text_width)},
   }
   shape_config = {**config, "logit_bias": model.sigmoid}
   specs = _specs(shape_config, v["num_heads"], model.text_heads)
