@@ -24,23 +24,16 @@ naming the first key that differs with the shape expected and the shape found.
 """
 import json
 import os
-import re
 
 import numpy as np
+
+from mmjax.interop import common
+from mmjax.interop.common import CheckpointError  # pylint: disable=unused-import
 
 # OpenAI's JIT archives carry these scalars beside the weights; open_clip drops them too.
 _IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
 METADATA_KEY = "mmjax.open_clip_config"
-
-
-class CheckpointError(ValueError):
-  """A weights file that is not the state dict expected, or whose shapes differ."""
-
-
-def _mismatch(path, key, expected, found, hint=""):
-  found = "missing" if found is None else f"shape {tuple(found)}"
-  return CheckpointError(f"{path}: key {key!r}: expected shape {tuple(expected)}, found {found}."
-                         + (" " + hint if hint else ""))
+_WHAT = "an open_clip / OpenAI CLIP ViT state dict"
 
 
 def read_state_dict(path: str | os.PathLike, keys: bool = True) -> tuple[dict, dict]:
@@ -49,42 +42,13 @@ def read_state_dict(path: str | os.PathLike, keys: bool = True) -> tuple[dict, d
   The "module." prefix of a data-parallel save is removed, and so is "text." of
   open_clip's CustomTextCLIP layout; OpenAI's scalar entries are dropped.
   """
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No weights file at {path!r}.")
-  try:
-    with safe_open(path, framework="np") as f:
-      metadata = f.metadata() or {}
-      out = {}
-      for name in f.keys():
-        if name.removeprefix("module.") in _IGNORED_KEYS:
-          continue
-        if keys:
-          dtype = f.get_slice(name).get_dtype()
-          if dtype == "BF16":
-            raise CheckpointError(f"{path}: {name!r} is bfloat16, which NumPy cannot hold; save "
-                                  "the state dict as float32 or float16.")
-          out[name] = f.get_tensor(name)
-        else:
-          out[name] = tuple(f.get_slice(name).get_shape())
-  except CheckpointError:
-    raise
-  except Exception as e:  # safetensors raises its own error type for a corrupt file.
-    raise CheckpointError(f"{path}: not a readable safetensors file ({e}). Convert a PyTorch "
-                          "checkpoint with safetensors.torch.save_file(model.state_dict(), "
-                          "path).") from e
-  if out and all(k.startswith("module.") for k in out):
-    out = {k[len("module."):]: v for k, v in out.items()}
-  out = {k[len("text."):] if k.startswith("text.") else k: v for k, v in out.items()}
+  out, metadata = common.read_safetensors(path, keys)
+  out = {k[len("text."):] if k.startswith("text.") else k: v for k, v in out.items()
+         if k not in _IGNORED_KEYS}
   for k in ("logit_scale", "logit_bias"):  # open_clip's nonscalar_logit_scale: shape [1].
-    if k in out and _shape(out[k]) == (1,):
+    if k in out and common.shape_of(out[k]) == (1,):
       out[k] = () if not keys else out[k].reshape(())
   return out, metadata
-
-
-def _shape(x):
-  return tuple(x) if isinstance(x, tuple) else tuple(np.shape(x))
 
 
 def _mlp_ratio(mlp_dim: int, width: int) -> float:
@@ -95,34 +59,23 @@ def _mlp_ratio(mlp_dim: int, width: int) -> float:
   return ratio
 
 
-def _num_blocks(shapes: dict, prefix: str) -> int:
-  pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-  found = [int(m.group(1)) for k in shapes if (m := pat.match(k))]
-  return max(found) + 1 if found else 0
-
-
 def infer_config(shapes: dict, path: str = "state dict") -> dict:
   """{key: shape or array} -> open_clip's model config (embed_dim, vision_cfg, text_cfg).
 
   Head counts and the activation are not in the shapes; see `load`.
   """
-  shapes = {k: _shape(v) for k, v in shapes.items()}
+  shapes = {k: common.shape_of(v) for k, v in shapes.items()}
 
   def need(key, rank, pattern):
-    s = shapes.get(key)
-    if s is None or len(s) != rank:
-      raise _mismatch(path, key, pattern, s,
-                      "Is this an open_clip / OpenAI CLIP ViT state dict? Its keys begin "
-                      f"{sorted(shapes)[:3]}.")
-    return s
+    return common.need(shapes, key, rank, pattern, path, _WHAT)
 
   vw, channels, p, p2 = need("visual.conv1.weight", 4, ("vision_width", 3, "patch", "patch"))
   if channels != 3 or p != p2:
-    raise _mismatch(path, "visual.conv1.weight", (vw, 3, p, p), (vw, channels, p, p2))
+    raise common.mismatch(path, "visual.conv1.weight", (vw, 3, p, p), (vw, channels, p, p2))
   n_pos, _ = need("visual.positional_embedding", 2, ("1 + grid**2", vw))
   grid = int(round((n_pos - 1) ** 0.5))
   if grid * grid + 1 != n_pos:
-    raise _mismatch(path, "visual.positional_embedding", ("1 + grid**2", vw), (n_pos, _))
+    raise common.mismatch(path, "visual.positional_embedding", ("1 + grid**2", vw), (n_pos, _))
   vision_mlp = need("visual.transformer.resblocks.0.mlp.c_fc.weight", 2, ("mlp_dim", vw))[0]
   vocab, tw = need("token_embedding.weight", 2, ("vocab_size", "text_width"))
   ctx = need("positional_embedding", 2, ("context_length", tw))[0]
@@ -131,10 +84,10 @@ def infer_config(shapes: dict, path: str = "state dict") -> dict:
   return {
       "embed_dim": int(embed_dim),
       "vision_cfg": {"image_size": int(grid * p), "patch_size": int(p), "width": int(vw),
-                     "layers": _num_blocks(shapes, "visual.transformer.resblocks."),
+                     "layers": common.num_blocks(shapes, "visual.transformer.resblocks."),
                      "mlp_ratio": _mlp_ratio(vision_mlp, vw)},
       "text_cfg": {"context_length": int(ctx), "vocab_size": int(vocab), "width": int(tw),
-                   "layers": _num_blocks(shapes, "transformer.resblocks."),
+                   "layers": common.num_blocks(shapes, "transformer.resblocks."),
                    "mlp_ratio": _mlp_ratio(text_mlp, tw)},
       "logit_bias": "logit_bias" in shapes,
   }
@@ -176,17 +129,9 @@ def expected_shapes(config: dict) -> dict:
 
 def check_shapes(shapes: dict, config: dict, path: str = "state dict") -> None:
   """Raises CheckpointError at the first key missing, of another shape, or unexpected."""
-  shapes = {k: _shape(s) for k, s in shapes.items()}
-  expected = expected_shapes(config)
-  for key, shape in expected.items():
-    if shapes.get(key) != shape:
-      raise _mismatch(path, key, shape, shapes.get(key))
-  extra = [k for k in shapes if k not in expected]
-  if extra:
-    raise CheckpointError(f"{path}: unexpected key {extra[0]!r} (shape {shapes[extra[0]]}) "
-                          f"among {len(extra)} not in an open_clip ViT CLIP of this size; "
-                          "ResNet, timm, Hugging Face or attention-pooled towers are not "
-                          "supported.")
+  common.check_shapes(shapes, expected_shapes(config), path,
+                      "An open_clip ViT CLIP of this size has no such key; ResNet, timm, "
+                      "Hugging Face or attention-pooled towers are not supported.")
 
 
 # --- The mapping: (open_clip key, mmjax path, to mmjax, to open_clip, part of the key) ---
@@ -334,10 +279,7 @@ def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
 def to_params(state: dict, config: dict, vision_heads: int, text_heads: int,
               dtype=np.float32) -> dict:
   """A checked open_clip state dict {key: array} -> mmjax CLIP's parameter tree."""
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  flat = {path: np.asarray(fwd(state[key]), dtype)
-          for key, path, fwd, _, _ in _specs(config, vision_heads, text_heads)}
-  return traverse_util.unflatten_dict(flat)
+  return common.to_flat_params(state, _specs(config, vision_heads, text_heads), dtype)
 
 
 def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
@@ -347,7 +289,6 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   file into `open_clip.model.CLIP(**config)` (config as returned, less "quick_gelu" moved
   to the constructor's argument of that name): see tools/make_interop_fixtures.py.
   """
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   from mmjax.models import vit  # pylint: disable=import-outside-toplevel
   if not getattr(model, "openai_layout", False) or model.image_pool != "tok":
@@ -357,14 +298,13 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   if model.activation not in ("quick_gelu", "gelu_exact"):
     raise ValueError(f"activation={model.activation!r} has no open_clip counterpart: use "
                      "'quick_gelu' or 'gelu_exact'.")
-  params = params.get("params", params) if set(params) == {"params"} else params
-  flat = {k: np.asarray(x) for k, x in traverse_util.flatten_dict(dict(params)).items()}
+  params = params["params"] if set(params) == {"params"} else params
   v = vit.parse_variant(model.image_variant, model.image_dims)
-  pos = flat.get(("image_tower", "pos_embedding"))
-  if pos is None or pos.ndim != 3:
+  pos = params.get("image_tower", {}).get("pos_embedding")
+  if pos is None or np.ndim(pos) != 3:
     raise ValueError("export: params have no image_tower/pos_embedding [1, 1 + grid**2, width]: "
                      "are they this CLIP's parameters?")
-  grid = int(round((pos.shape[1] - 1) ** 0.5))
+  grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
   config = {
       "embed_dim": model.embed_dim, "quick_gelu": model.activation == "quick_gelu",
       "vision_cfg": {"image_size": grid * v["patch"], "patch_size": v["patch"],
@@ -378,20 +318,7 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   }
   shape_config = {**config, "logit_bias": model.sigmoid}
   specs = _specs(shape_config, v["num_heads"], model.text_heads)
-  missing = [s[1] for s in specs if s[1] not in flat]
-  extra = sorted(set(flat) - {s[1] for s in specs})
-  if missing:
-    raise ValueError(f"export: parameter {'/'.join(missing[0])} is missing: are the params "
-                     "this model's?")
-  if extra:
-    raise ValueError(f"export: parameter {'/'.join(extra[0])} has no place in an open_clip "
-                     "CLIP: are the params this model's?")
-  parts = {}
-  for key, path_, _, inv, part in specs:
-    parts.setdefault(key, {})[part] = inv(flat[path_])
-  state = {key: np.array(np.concatenate([p[i] for i in sorted(p)], axis=0) if len(p) > 1
-                         else p[0], dtype, order="C")
-           for key, p in parts.items()}
+  state = common.from_params(params, specs, dtype, "an open_clip CLIP")
   check_shapes(state, shape_config, "export")
   st_numpy.save_file(state, os.fspath(path),
                      metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
