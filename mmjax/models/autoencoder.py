@@ -4,6 +4,10 @@ The first stage of latent diffusion (Rombach et al. 2022). With the defaults, 28
 images are edge-padded to 32x32, downsampled by 4 to 8x8x4 latents, and decoded back
 and cropped to 28x28. The posterior is a diagonal Gaussian whose log-variance is
 clamped to [-30, 20].
+
+`KL_F8` configures it as Stable Diffusion's KL-f8 autoencoder (diffusers'
+`AutoencoderKL`: 3-channel images in [-1, 1] to latents 8x smaller with 4 channels);
+mmjax.interop.diffusers loads its weights.
 """
 from collections.abc import Callable, Iterable
 
@@ -12,7 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.nn import attention
+
 LOGVAR_RANGE = (-30.0, 20.0)
+# diffusers' layout: self-attention between two ResnetBlocks in the middle, 1x1 convs
+# on the moments and on the latents, one more ResnetBlock per decoder level, and a
+# stride-2 downsampling conv padded at the bottom and right only.
+DIFFUSERS_LAYOUT = dict(mid_attention=True, quant_convs=True, decoder_extra_block=True,
+                        downsample_padding=((0, 1), (0, 1)), pad=0)
+# Stable Diffusion's KL-f8 VAE (sd-vae-ft-mse and the SD 1.x/2.x VAEs), 83.7M parameters.
+KL_F8 = dict(channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
+             out_channels=3, groups=32, **DIFFUSERS_LAYOUT)
 
 
 class ResnetBlock(nn.Module):
@@ -34,16 +48,40 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+class SpatialSelfAttention(nn.Module):
+  """x + Attention(GroupNorm(x)) over the h·w positions, one head. [b, h, w, c] -> same."""
+  groups: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    y = nn.GroupNorm(self.groups, name="norm")(x).reshape(b, h * w, c)
+    return x + attention.MultiHeadAttention(1, name="attention")(y).reshape(b, h, w, c)
+
+
+def _middle(h: jax.Array, groups: int, with_attention: bool) -> jax.Array:
+  """The middle: a ResnetBlock ("mid_block"), or ResnetBlock, attention, ResnetBlock."""
+  h = ResnetBlock(h.shape[-1], groups, name="mid_block")(h)
+  if with_attention:
+    h = SpatialSelfAttention(groups, name="mid_attention")(h)
+    h = ResnetBlock(h.shape[-1], groups, name="mid_block2")(h)
+  return h
+
+
 class Encoder(nn.Module):
   """[batch, H, W, c] -> (mean, logvar), each [batch, H/f, W/f, latent_channels].
 
-  f = 2 ** (len(channel_mult) - 1); logvar is clamped to LOGVAR_RANGE.
+  f = 2 ** (len(channel_mult) - 1); logvar is clamped to LOGVAR_RANGE. The options
+  after `groups` are diffusers' layout (see DIFFUSERS_LAYOUT).
   """
   channels: int
   channel_mult: tuple[int, ...]
   num_res_blocks: int
   latent_channels: int
   groups: int
+  mid_attention: bool = False
+  quant_conv: bool = False
+  downsample_padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
 
   @nn.compact
   def __call__(self, x: jax.Array):
@@ -52,29 +90,39 @@ class Encoder(nn.Module):
       for i in range(self.num_res_blocks):
         h = ResnetBlock(self.channels * mult, self.groups, name=f"down{level}_block{i}")(h)
       if level < len(self.channel_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=self.downsample_padding,
                     name=f"down{level}_downsample")(h)
-    h = ResnetBlock(h.shape[-1], self.groups, name="mid_block")(h)
+    h = _middle(h, self.groups, self.mid_attention)
     h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
     moments = nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
+    if self.quant_conv:
+      moments = nn.Conv(2 * self.latent_channels, (1, 1), name="quant_conv")(moments)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
 
 class Decoder(nn.Module):
-  """[batch, h, w, latent_channels] -> [batch, h·f, w·f, out_channels]."""
+  """[batch, h, w, latent_channels] -> [batch, h·f, w·f, out_channels].
+
+  `num_res_blocks` ResnetBlocks per level (one more with `extra_block`, as diffusers').
+  """
   channels: int
   channel_mult: tuple[int, ...]
   num_res_blocks: int
   out_channels: int
   groups: int
+  mid_attention: bool = False
+  post_quant_conv: bool = False
+  extra_block: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
+    if self.post_quant_conv:
+      z = nn.Conv(z.shape[-1], (1, 1), name="post_quant_conv")(z)
     h = nn.Conv(self.channels * self.channel_mult[-1], (3, 3), name="conv_in")(z)
-    h = ResnetBlock(h.shape[-1], self.groups, name="mid_block")(h)
+    h = _middle(h, self.groups, self.mid_attention)
     for level in reversed(range(len(self.channel_mult))):
-      for i in range(self.num_res_blocks):
+      for i in range(self.num_res_blocks + int(self.extra_block)):
         h = ResnetBlock(self.channels * self.channel_mult[level], self.groups,
                         name=f"up{level}_block{i}")(h)
       if level > 0:
@@ -90,6 +138,11 @@ class AutoencoderKL(nn.Module):
   f = 2 ** (len(channel_mult) - 1): 4 with the default (1, 2, 2). Images are edge-padded
   by `pad` pixels per side before encoding and the decoder's output is cropped by as
   much, so 28x28 images give 8x8 latents and 28x28 reconstructions.
+
+  `AutoencoderKL(**KL_F8)` is Stable Diffusion's VAE: images [b, H, W, 3] in [-1, 1]
+  with H, W divisible by 8, latents [b, H/8, W/8, 4] (multiplied by diffusers'
+  `scaling_factor`, 0.18215 for SD 1.x/2.x, before diffusion). The options after `pad`
+  are diffusers' layout (DIFFUSERS_LAYOUT) and add parameters only when set.
   """
   channels: int = 32
   channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -98,12 +151,18 @@ class AutoencoderKL(nn.Module):
   out_channels: int = 1
   groups: int = 8
   pad: int = 2
+  mid_attention: bool = False  # Self-attention between two ResnetBlocks in the middle.
+  quant_convs: bool = False  # 1x1 convs on the moments ("quant_conv") and latents.
+  decoder_extra_block: bool = False  # num_res_blocks + 1 ResnetBlocks per decoder level.
+  downsample_padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
 
   def setup(self):
     self.encoder = Encoder(self.channels, self.channel_mult, self.num_res_blocks,
-                           self.latent_channels, self.groups)
+                           self.latent_channels, self.groups, self.mid_attention,
+                           self.quant_convs, self.downsample_padding)
     self.decoder = Decoder(self.channels, self.channel_mult, self.num_res_blocks,
-                           self.out_channels, self.groups)
+                           self.out_channels, self.groups, self.mid_attention,
+                           self.quant_convs, self.decoder_extra_block)
 
   def encode(self, images: jax.Array):
     """[batch, H, W, c] -> (mean, logvar), each [batch, h, w, latent_channels]."""
