@@ -1,7 +1,7 @@
-"""Regenerates tests/fixtures/clip/: random open_clip CLIPs, their outputs, tokenizer ids.
+"""Regenerates tests/fixtures/{clip,vae}/: random open_clip CLIPs and a random diffusers VAE.
 
-No weights can be downloaded, so parity with open_clip is proven on small randomly
-initialised open_clip models. This script builds them with PyTorch, saves their weights
+No weights can be downloaded, so parity with open_clip and diffusers is proven on small
+randomly initialised reference models. This script builds them with PyTorch, saves their weights
 (safetensors), their embeddings on fixed inputs (.npz) and open_clip's token ids for a few
 hundred strings (.json), the keys and shapes of real open_clip sizes (B/32 ... bigG/14,
 no weights), copies open_clip's BPE vocabulary, and then checks from the
@@ -13,15 +13,22 @@ PyTorch side, running mmjax in another Python (`--mmjax-python`, which needs no 
     gives mmjax's embeddings within 1e-5;
   * mmjax's ClipTokenizer gives open_clip's ids for every string.
 
-PyTorch and open_clip are never dependencies of mmjax or its tests. Run in its own
-environment, from the repository root:
+For the VAE (tests/fixtures/vae/): a small diffusers AutoencoderKL of the KL-f8 layout
+(four levels, two ResnetBlocks per level, mid-block attention, quant convs), its
+posterior and decodings on fixed inputs, and the keys and shapes of Stable Diffusion's
+real KL-f8 VAE; checked the same way within 1e-4 (load, bit-exact re-export, diffusers
+loading mmjax's export).
+
+PyTorch, open_clip and diffusers are never dependencies of mmjax or its tests. Run in
+its own environment, from the repository root:
 
   python3 -m venv /tmp/peer-venv
-  /tmp/peer-venv/bin/pip install torch open_clip_torch safetensors
+  /tmp/peer-venv/bin/pip install torch open_clip_torch diffusers safetensors
   /tmp/peer-venv/bin/python tools/make_interop_fixtures.py --mmjax-python .venv/bin/python
 
-It prints the package versions and writes them into tests/fixtures/clip/manifest.json.
-The fixtures are deterministic for given package versions (fixed seeds, CPU).
+(`--only clip` or `--only vae` for one part.) It prints the package versions and writes
+them into each folder's manifest.json. The fixtures are deterministic for given package
+versions (fixed seeds, CPU).
 """
 import argparse
 import hashlib
@@ -37,8 +44,18 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "fixtures" / "clip"
+VAE_OUT = REPO / "tests" / "fixtures" / "vae"
 VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 TOLERANCE = 1e-5
+VAE_TOLERANCE = 1e-4
+# A small AutoencoderKL of the KL-f8 layout; groups: what mmjax must be told.
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 16, 16, 16],
+           layers_per_block=2, latent_channels=4, norm_num_groups=4, sample_size=32)
+# Stable Diffusion 1.x/2.x's VAE (sd-vae-ft-mse): keys and shapes only.
+SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+              layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256)
 
 # Two small open_clip configurations: QuickGELU with patch 8, GELU with patch 16.
 # heads: the head counts mmjax must be told (they are not in the shapes).
@@ -147,6 +164,31 @@ def mmjax_side(work: pathlib.Path) -> None:
   (work / "mmjax_report.json").write_text(json.dumps(report))
 
 
+def vae_mmjax_side(work: pathlib.Path) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from mmjax.interop import diffusers  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_default_matmul_precision", "highest")
+  data = np.load(VAE_OUT / "kl_small.npz")
+  model, params = diffusers.load_vae(VAE_OUT / "kl_small.safetensors",
+                                     groups=VAE["norm_num_groups"])
+  np.savez(work / "vae_mmjax.npz", **_vae_outputs(model, params, data))
+  diffusers.export_vae(params, model, work / "vae_reexport.safetensors")
+  params = model.init(jax.random.PRNGKey(1), data["images_nhwc"])["params"]
+  params = jax.tree.map(lambda x, k: x + 0.05 * jax.random.normal(k, x.shape), params,
+                        _split_like(jax.random.PRNGKey(2), params))
+  np.savez(work / "vae_random_mmjax.npz", **_vae_outputs(model, params, data))
+  diffusers.export_vae(params, model, work / "vae_random.safetensors")
+
+
+def _vae_outputs(model, params, data) -> dict:
+  """mmjax's posterior mean/logvar of the images, decodings of the mean and of the latents."""
+  variables = {"params": params}
+  mean, logvar = model.apply(variables, data["images_nhwc"], method=model.encode)
+  return {"mean": mean, "logvar": logvar,
+          "reconstruction": model.apply(variables, mean, method=model.decode),
+          "decoded": model.apply(variables, data["latents_nhwc"], method=model.decode)}
+
+
 def _split_like(key, tree):
   import jax  # pylint: disable=import-outside-toplevel
   leaves, treedef = jax.tree.flatten(tree)
@@ -253,8 +295,8 @@ def torch_side(mmjax_python: str) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(tmp)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    subprocess.run([mmjax_python, __file__, "--mmjax-side", str(work)], check=True, env=env,
-                   cwd=REPO)
+    subprocess.run([mmjax_python, __file__, "--mmjax-side", str(work), "--only", "clip"],
+                   check=True, env=env, cwd=REPO)
     report = json.loads((work / "mmjax_report.json").read_text())
     print("mmjax packages:", json.dumps(report["versions"]))
     checks = {}
@@ -306,20 +348,107 @@ def torch_side(mmjax_python: str) -> None:
   print(f"wrote {OUT.relative_to(REPO)}: {len(files) + 1} files, {total / 1e6:.2f} MB")
 
 
+def _vae_reference_outputs(model, images_nhwc, latents_nhwc) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  nhwc = lambda x: x.numpy().transpose(0, 2, 3, 1)
+  with torch.no_grad():
+    posterior = model.encode(nchw(images_nhwc)).latent_dist
+    return {"mean": nhwc(posterior.mean), "logvar": nhwc(posterior.logvar),
+            "reconstruction": nhwc(model.decode(posterior.mean).sample),
+            "decoded": nhwc(model.decode(nchw(latents_nhwc)).sample)}
+
+
+def vae_torch_side(mmjax_python: str) -> None:
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import safetensors.torch  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(2)
+  versions = {"python": sys.version.split()[0]}
+  versions.update({p: importlib.metadata.version(p) for p in
+                   ("torch", "diffusers", "safetensors", "numpy")})
+  print("reference packages:", json.dumps(versions))
+  VAE_OUT.mkdir(parents=True, exist_ok=True)
+  with torch.device("meta"):
+    sd = diffusers.AutoencoderKL(**SD_VAE)
+  shapes = ",\n".join(f"{json.dumps(k)}: {json.dumps(list(v.shape))}"
+                     for k, v in sd.state_dict().items())
+  (VAE_OUT / "sd_kl_f8_shapes.json").write_text(
+      f'{{"config": {json.dumps(SD_VAE)},\n"shapes": {{\n{shapes}\n}}}}\n')
+  torch.manual_seed(0)
+  model = diffusers.AutoencoderKL(**VAE).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  safetensors.torch.save_file(model.state_dict(), str(VAE_OUT / "kl_small.safetensors"))
+  rng = np.random.default_rng(0)
+  size, f = VAE["sample_size"], 2 ** (len(VAE["block_out_channels"]) - 1)
+  images = rng.uniform(-1, 1, size=(2, size, size, 3)).astype(np.float32)
+  latents = rng.normal(size=(2, size // f, size // f, 4)).astype(np.float32)
+  reference = _vae_reference_outputs(model, images, latents)
+  np.savez_compressed(VAE_OUT / "kl_small.npz", images_nhwc=images, latents_nhwc=latents,
+                      **reference)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    work = pathlib.Path(tmp)
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    subprocess.run([mmjax_python, __file__, "--mmjax-side", str(work), "--only", "vae"],
+                   check=True, env=env, cwd=REPO)
+    ours = np.load(work / "vae_mmjax.npz")
+    diff = max(_max_diff(ours[k], reference[k]) for k in reference)
+    assert diff <= VAE_TOLERANCE, f"VAE: mmjax's outputs differ from diffusers' by {diff}"
+    original = safetensors.torch.load_file(str(VAE_OUT / "kl_small.safetensors"))
+    again = safetensors.torch.load_file(str(work / "vae_reexport.safetensors"))
+    assert original.keys() == again.keys(), set(original) ^ set(again)
+    for key in original:
+      assert torch.equal(original[key], again[key]), f"VAE: {key} changed in the round trip"
+    exported = work / "vae_random.safetensors"
+    with safetensors.safe_open(str(exported), "pt") as f:
+      config = json.loads(f.metadata()["mmjax.diffusers_config"])
+    theirs_model = diffusers.AutoencoderKL(**config).eval()
+    theirs_model.load_state_dict(safetensors.torch.load_file(str(exported)), strict=True)
+    theirs = _vae_reference_outputs(theirs_model, images, latents)
+    mine = np.load(work / "vae_random_mmjax.npz")
+    export_diff = max(_max_diff(mine[k], theirs[k]) for k in theirs)
+    assert export_diff <= VAE_TOLERANCE, (
+        f"VAE: diffusers on mmjax's export differs from mmjax by {export_diff}")
+  print(f"vae: load {diff:.2e}, export {export_diff:.2e}, re-export exact")
+  files = sorted(p for p in VAE_OUT.iterdir() if p.name != "manifest.json" and p.is_file())
+  manifest = {
+      "generated_by": "tools/make_interop_fixtures.py", "reference_versions": versions,
+      "tolerance": VAE_TOLERANCE, "model": VAE, "real_size": SD_VAE,
+      "checks": {"load_max_abs_diff": diff, "export_max_abs_diff": export_diff,
+                 "reexport_bit_exact": True},
+      "files": {p.name: {"bytes": p.stat().st_size,
+                         "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files},
+  }
+  (VAE_OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+  total = sum(p.stat().st_size for p in VAE_OUT.iterdir())
+  print(f"wrote {VAE_OUT.relative_to(REPO)}: {len(files) + 1} files, {total / 1e6:.2f} MB")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--mmjax-python", default=os.environ.get("MMJAX_PYTHON"),
                       help="a Python with mmjax's dependencies (JAX, no PyTorch needed); "
                       "default: $MMJAX_PYTHON")
+  parser.add_argument("--only", choices=("clip", "vae"), help="regenerate one part only")
   parser.add_argument("--mmjax-side", metavar="DIR", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.mmjax_side:
     sys.path.insert(0, str(REPO))
-    mmjax_side(pathlib.Path(args.mmjax_side))
+    if args.only != "vae":
+      mmjax_side(pathlib.Path(args.mmjax_side))
+    if args.only != "clip":
+      vae_mmjax_side(pathlib.Path(args.mmjax_side))
     return
   if not args.mmjax_python:
     parser.error("give --mmjax-python (e.g. .venv/bin/python), the Python that runs mmjax.")
-  torch_side(args.mmjax_python)
+  if args.only != "vae":
+    torch_side(args.mmjax_python)
+  if args.only != "clip":
+    vae_torch_side(args.mmjax_python)
 
 
 if __name__ == "__main__":
