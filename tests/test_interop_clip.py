@@ -176,3 +176,12 @@ def test_real_sizes_are_inferred_and_mapped(name):
   mapped = oc.to_params(zeros, config, vision_heads, text_heads)
   assert jax.tree.structure(mapped) == jax.tree.structure(expected)
   assert [x.shape for x in jax.tree.leaves(mapped)] == [x.shape for x in jax.tree.leaves(expected)]
+
+
+def test_siglip_style_logit_bias_loads_and_exports(tmp_path, state):
+  state["logit_bias"] = np.array([-10.0], np.float32)  # open_clip's nonscalar form, [1].
+  st_numpy.save_file(state, tmp_path / "b.safetensors")
+  model, params = _load(NAMES[0], tmp_path / "b.safetensors")
+  assert model.sigmoid and params["logit_bias"].shape == () and params["logit_bias"] == -10.0
+  oc.export(params, model, tmp_path / "c.safetensors")
+  assert st_numpy.load_file(tmp_path / "c.safetensors")["logit_bias"] == -10.0
