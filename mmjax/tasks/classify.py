@@ -20,8 +20,15 @@ class ClassifyTask(base.Task):
     if config.model not in MODELS:
       raise ValueError(f"config.model={config.model!r}: choose one of {sorted(MODELS)}.")
     self.model = MODELS[config.model]()
-    self.train_preprocess = self.eval_preprocess = pipeline.image_classification_preprocess(
+    self._preprocess = pipeline.image_classification_preprocess(
         *pipeline.normalisation(config.dataset.name))
+
+  def train_preprocess(self, batch):
+    """Examples -> normalised images and int32 labels, checked against the model's classes."""
+    pipeline.check_labels(batch["label"], self.model.num_classes, "classify")
+    return self._preprocess(batch)
+
+  eval_preprocess = train_preprocess
 
   def init(self, rng):
     return self.model.init(rng, jnp.zeros((1, *self.image_shape), jnp.float32))["params"], {}
