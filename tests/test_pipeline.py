@@ -131,3 +131,10 @@ def test_normalize_images_matches_the_textbook_formula():
   expected = (images.astype(np.float64) / 255.0 - 0.1307) / 0.3081
   np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
   assert images[3, 7, 7, 0] == 255  # The input is left as it was.
+
+
+@pytest.mark.slow
+def test_the_number_of_classes_comes_from_the_datasets_info(tmp_path):
+  src = pipeline.decoded_source("mnist", "test[:64]", cache_dir=str(tmp_path))
+  assert pipeline.num_classes(src) == 10
+  assert pipeline.num_classes(pipeline.ArraySource({"label": np.zeros(3)})) is None

@@ -230,13 +230,18 @@ def check_labels(labels, num_classes: int, where: str) -> None:
 
 
 class ArraySource:
-  """A whole split as NumPy arrays, a random-access source of dict examples."""
+  """A whole split as NumPy arrays, a random-access source of dict examples.
 
-  def __init__(self, arrays: dict[str, np.ndarray]):
+  `dataset_info` is the TFDS `DatasetInfo` it was decoded from (None for arrays made
+  another way), as a TFDS data source has it.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], dataset_info=None):
     lengths = {len(v) for v in arrays.values()}
     if len(lengths) != 1:
       raise ValueError(f"Arrays of unequal lengths: { {k: len(v) for k, v in arrays.items()} }")
     self.arrays = arrays
+    self.dataset_info = dataset_info
 
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
@@ -264,7 +269,7 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
           / f"{split}.npz")
   if path.exists():
     with np.load(path) as f:
-      return ArraySource({k: f[k] for k in f.files})
+      return ArraySource({k: f[k] for k in f.files}, source.dataset_info)
   logging.info("Decoding %s/%s (%d examples) into %s", name, split, len(source), path)
   examples = source.__getitems__(range(len(source)))
   arrays = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
@@ -275,7 +280,7 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)  # Gone after the rename; else half written.
-  return ArraySource(arrays)
+  return ArraySource(arrays, source.dataset_info)
 
 
 def _fingerprint(directory: str) -> str:
@@ -292,6 +297,14 @@ def load_source(dataset_config, split: str):
   if c.cache_decoded:
     return decoded_source(c.name, split, c.data_dir, c.download)
   return tfds_source(c.name, split, c.data_dir, c.download)
+
+
+def num_classes(source, key: str = "label") -> int | None:
+  """The number of classes of a source's `key` feature, from its TFDS info; None when
+  the source has no info or the feature is not a class label."""
+  info = getattr(source, "dataset_info", None)
+  feature = info.features[key] if info is not None and key in info.features else None
+  return getattr(feature, "num_classes", None)
 
 
 def gather(source, indices: np.ndarray) -> Batch:

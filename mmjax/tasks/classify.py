@@ -23,6 +23,12 @@ class ClassifyTask(base.Task):
     self._preprocess = pipeline.image_classification_preprocess(
         *pipeline.normalisation(config.dataset.name))
 
+  def setup(self):
+    super().setup()
+    classes = pipeline.num_classes(self.train_source)  # From the dataset's TFDS info.
+    if classes is not None:
+      self.model = self.model.clone(num_classes=classes)
+
   def train_preprocess(self, batch):
     """Examples -> normalised images and int32 labels, checked against the model's classes."""
     pipeline.check_labels(batch["label"], self.model.num_classes, "classify")
