@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mmjax.nn import attention
 from mmjax.nn import transformer
@@ -34,6 +35,7 @@ def _batch(rng, n):
   return source, target_in, target
 
 
+@pytest.mark.slow  # A training run of a few hundred steps.
 def test_encoder_decoder_learns_to_reverse_digit_strings():
   rng = np.random.default_rng(0)
   model = Reverser()
