@@ -18,9 +18,12 @@ Commands (a generated set of coloured shapes; any converted dataset works alike)
 Config arguments: name (the dataset), data_dir (its TFDS data directory; empty:
 $TFDS_DATA_DIR), image_size (the model's input, any multiple of the patch, 4), smoke.
 
-Expected result: see the report of the measured run on 4,000 generated pairs (3,600 /
-400): 324 distinct captions, so several validation images share a caption and recall@1
-cannot reach 1 with each caption relevant to its own image only.
+Expected result, on 4,000 generated pairs (3,618 train / 382 validation by key hash):
+eval/i2t_recall@1 ~0.59 and eval/t2i_recall@1 ~0.60, recall@5 = 1.0. There are only 324
+distinct captions (230 among the 382 validation pairs), and with each caption relevant to
+its own image only, a model that embeds equal captions equally scores at most ~0.60 at
+recall@1 (the mean of 1 / copies). Measured: 0.5916 / 0.6021 after 1,500 steps in 941 s
+on a 2-core CPU shared with other runs (1 device); 0.46 / 0.50 at step 500.
 """
 from mmjax import configs
 
