@@ -10,6 +10,13 @@ Commands:
   python launch.py --config=experiments/clip_mnist.py:dataset=fashion_mnist --workdir=workdirs/clip_fashion
   python launch.py --config=experiments/clip_mnist.py:smoke --workdir=/tmp/clip_smoke
 
+Zero-shot classification and retrieval of open_clip weights, without training (a fresh
+workdir: the loaded parameters are evaluated as step 0); without --eval_only the same
+flags fine-tune them:
+  python launch.py --config=experiments/clip_mnist.py --workdir=workdirs/clip_b32_zeroshot \
+    --eval_only --config.init_from=ViT-B-32.safetensors --config.quick_gelu=True \
+    --config.tokenizer.kind=bpe --config.tokenizer.vocab=bpe_simple_vocab_16e6.txt.gz
+
 Expected results (2-core CPU, each under 15 minutes): eval/zeroshot_top1 >= 0.98 on
 MNIST and >= 0.88 on Fashion-MNIST, over the whole test split with held-out templates.
 Measured: 0.9811 in 831 s on MNIST; 0.8925 in 820 s on Fashion-MNIST, prepared from
@@ -26,6 +33,9 @@ def get_config(arg=None):
   c.task = "clip"
   c.dataset.name = arg.dataset
   c.loss = arg.loss
+  # Pretrained weights, tokenizer, prompts, image size: empty/defaults train from scratch
+  # with byte tokens on the images as stored (see mmjax/tasks/clip.py).
+  configs.clip_fields(c)
 
   # The text tower only has to tell a few dozen captions apart: one layer is enough.
   c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,

@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.model = dict(vision_variant="mu/4", vision_pool="gap", image_split=2,
                  width=128, depth=4, num_heads=4, mlp_dim=512)
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
+  c.init_from = ""  # open_clip weights: not supported by this task (a clear error).
   # A ViT loaded from CLIP stays as it is (ImageBERT's detector is fixed too): the step
   # skips its backward pass, and its digit features are already there.
   c.frozen = ("vision/.*",) if arg.clip_workdir else ()

@@ -37,6 +37,7 @@ def get_config(arg=None):
   c.model = dict(vision_variant="mu/4", vision_pool="gap", image_split=2, num_latents=2,
                  resampler_depth=1, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
+  c.init_from = ""  # open_clip weights: not supported by this task (a clear error).
   # A ViT loaded from CLIP stays as it is: the step skips its backward pass (1.6x faster
   # steps), and the decoder learns to read digit features CLIP already made.
   c.frozen = ("vision/.*",) if arg.clip_workdir else ()

@@ -81,3 +81,31 @@ def apply_smoke(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int = 3
   c.dataset.eval_split = "test[:2048]"
   c.optimizer.warmup_steps = 2
   return c
+
+
+def clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the CLIP task's data, tokenizer and pretrained-weights fields, in place.
+
+  See mmjax/tasks/clip.py for what each does:
+    init_from: "" or an open_clip / OpenAI ViT CLIP .safetensors file to start from.
+    quick_gelu: the loaded model's activation (None: from the file's metadata).
+    vision_heads, text_heads: its attention heads (None: the file's metadata, else as
+      open_clip's configs have them, width / 64; see mmjax/interop/open_clip.py).
+    captions: "templates" (class names through prompts) or "data" (the "caption" feature).
+    tokenizer: kind "byte" or "bpe" (vocab: CLIP's bpe_simple_vocab_16e6.txt.gz);
+      context_length 0: the model's.
+    zeroshot: class_names and templates ("a photo of a {}.") for zero-shot
+      classification; empty: mmjax.data.captions's for MNIST and Fashion-MNIST.
+    image: size (0: as stored, or the loaded model's), min_crop (smallest training crop,
+      a fraction of the shorter side; 1: none), mean/std per channel (empty: the
+      dataset's, or OpenAI CLIP's with init_from).
+  """
+  c.init_from = ""
+  c.quick_gelu = config_dict.placeholder(bool)
+  c.vision_heads = config_dict.placeholder(int)
+  c.text_heads = config_dict.placeholder(int)
+  c.captions = "templates"
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", vocab="", context_length=0))
+  c.zeroshot = ml_collections.ConfigDict(dict(class_names=(), templates=()))
+  c.image = ml_collections.ConfigDict(dict(size=0, min_crop=1.0, mean=(), std=()))
+  return c

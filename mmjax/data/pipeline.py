@@ -424,3 +424,64 @@ def image_classification_preprocess(mean: float, std: float) -> Callable[[Batch]
 
   return preprocess
 
+
+
+# OpenAI CLIP's pixel mean and std per RGB channel, in [0, 1]: what open_clip's
+# weights expect (open_clip's OPENAI_DATASET_MEAN / _STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_channels(images: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 images [b, h, w, c] -> float32 (x / 255 - mean) / std; mean and std are
+  scalars or one value per channel."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  if mean.ndim == 0 and std.ndim == 0:
+    return normalize_images(images, float(mean), float(std))
+  x = images.astype(np.float32)
+  x *= 1.0 / (255.0 * std)
+  x -= mean / std
+  return x
+
+
+def crop_and_resize(images: np.ndarray, size: int, *, positions: np.ndarray | None = None,
+                    seed: int = 0, min_fraction: float = 1.0,
+                    channels: int | None = None) -> np.ndarray:
+  """uint8 images [b, h, w, c] -> uint8 [b, size, size, channels]: a square crop, resized.
+
+  Evaluation (`positions` None): the centred square of side min(h, w). Training: a
+  square of side min(h, w) * f, f uniform in [min_fraction, 1], at a uniform place;
+  f and the place are drawn from (seed, the example's stream position), so a resumed
+  run crops exactly as the first did. Resized with PIL's bilinear filter (antialiased);
+  a crop already `size` wide is not resampled. `channels=3` repeats a grey channel.
+  """
+  from mmjax.data import captions  # pylint: disable=import-outside-toplevel
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  b, h, w, c = images.shape
+  short = min(h, w)
+  if positions is None:
+    sides = np.full(b, short)
+    tops, lefts = np.full(b, (h - short) // 2), np.full(b, (w - short) // 2)
+  else:
+    if not 0.0 < min_fraction <= 1.0:
+      raise ValueError(f"min_fraction={min_fraction}: the smallest crop, as a fraction of "
+                       f"the shorter side, must be in (0, 1].")
+    u = [captions.position_uniform(positions, seed * 4 + k) for k in range(3)]
+    sides = np.maximum(1, np.round(short * (min_fraction + (1 - min_fraction) * u[0])))
+    sides = sides.astype(np.int64)
+    tops = np.floor(u[1] * (h - sides + 1)).astype(np.int64)
+    lefts = np.floor(u[2] * (w - sides + 1)).astype(np.int64)
+  out = np.empty((b, size, size, c), np.uint8)
+  for i in range(b):
+    crop = images[i, tops[i]:tops[i] + sides[i], lefts[i]:lefts[i] + sides[i]]
+    if sides[i] != size:
+      pil = PIL.Image.fromarray(crop[..., 0] if c == 1 else crop)
+      crop = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR)).reshape(size, size, c)
+    out[i] = crop
+  if channels is not None and channels != c:
+    if c != 1:
+      raise ValueError(f"Images have {c} channels; the model takes {channels}. Only grey "
+                       f"images (1 channel) are converted (repeated to {channels}).")
+    out = np.repeat(out, channels, axis=-1)
+  return out

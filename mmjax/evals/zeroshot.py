@@ -15,8 +15,10 @@ class ZeroShotRetrieval:
 
   Calls `task.embed(params, extras, batch) -> (image_emb [b, d], text_emb [b, d])` on
   batches made by `task.eval_preprocess` ("image", "tokens", "label"), and
-  `task.class_text_embeddings(params, extras) -> [classes, templates, d]`. An item
-  is relevant to a query when their labels are equal (see `retrieval.recall_at_k`).
+  `task.class_text_embeddings(params, extras) -> [classes, templates, d]`, or None
+  when the task has no classes (then there is no eval/zeroshot_top1). An item is
+  relevant to a query when their labels are equal (see `retrieval.recall_at_k`): a
+  task whose captions are the data's gives each example its own label (its index).
   """
 
   def __init__(self, task, split: str | None = None, batch_size: int | None = None):
@@ -42,8 +44,11 @@ class ZeroShotRetrieval:
       labels.append(label[mask > 0])
     images, texts, labels = map(np.concatenate, (images, texts, labels))
 
-    class_emb = retrieval.class_embeddings(self.task.class_text_embeddings(params, extras))
-    metrics = {"eval/zeroshot_top1": retrieval.zeroshot_top1(images, class_emb, labels)}
+    metrics = {}
+    class_text = self.task.class_text_embeddings(params, extras)
+    if class_text is not None:
+      class_emb = retrieval.class_embeddings(class_text)
+      metrics["eval/zeroshot_top1"] = retrieval.zeroshot_top1(images, class_emb, labels)
     for name, (q, items) in {"i2t": (images, texts), "t2i": (texts, images)}.items():
       for k, r in retrieval.recall_at_k(q, items, labels, labels).items():
         metrics[f"eval/{name}_recall@{k}"] = r

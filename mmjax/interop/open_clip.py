@@ -259,6 +259,26 @@ def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
   state, metadata = read_state_dict(path)
   config = infer_config(state, path)
   check_shapes(state, config, path)
+  model, (vision_heads, text_heads) = _model(path, config, metadata, quick_gelu, vision_heads,
+                                             text_heads)
+  return model, to_params(state, config, vision_heads, text_heads, dtype)
+
+
+def model_from_file(path: str | os.PathLike, *, quick_gelu: bool | None = None,
+                    vision_heads: int | None = None, text_heads: int | None = None):
+  """The mmjax CLIP that `load(path, ...)` would return, from the file's shapes only.
+
+  Cheap: reads the safetensors header, not the weights. Same arguments as `load`.
+  """
+  path = os.fspath(path)
+  shapes, metadata = read_state_dict(path, keys=False)
+  config = infer_config(shapes, path)
+  check_shapes(shapes, config, path)
+  return _model(path, config, metadata, quick_gelu, vision_heads, text_heads)[0]
+
+
+def _model(path, config, metadata, quick_gelu, vision_heads, text_heads):
+  """(mmjax CLIP, (vision_heads, text_heads)) for an inferred config and the file's metadata."""
   saved = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
   if saved is not None:
     quick_gelu = saved["quick_gelu"] if quick_gelu is None else quick_gelu
@@ -273,7 +293,7 @@ def load(path: str | os.PathLike, *, quick_gelu: bool | None = None,
   text_heads = _heads(config["text_cfg"]["width"], text_heads, "text")
   from mmjax.models import clip  # pylint: disable=import-outside-toplevel
   model = clip.CLIP(**clip_kwargs(config, quick_gelu, vision_heads, text_heads))
-  return model, to_params(state, config, vision_heads, text_heads, dtype)
+  return model, (vision_heads, text_heads)
 
 
 def to_params(state: dict, config: dict, vision_heads: int, text_heads: int,

@@ -37,6 +37,18 @@ def clip_image_tower(workdir: str, field: str = "clip_workdir"):
                         .params["image_tower"])
 
 
+def refuse_init_from(config, task: str) -> None:
+  """Raises ValueError when `config.init_from` is set for a task that cannot use it."""
+  if config.get("init_from"):
+    raise ValueError(
+        f"config.init_from={config.init_from!r}: the {task} task cannot start from open_clip "
+        f"weights: its ViT has mmjax's layout (a patch-embedding bias, no ln_pre, no position "
+        f"embedding on the class token, sizes from config.model.vision_variant) and reads "
+        f"2x2 grids of 28-pixel images, while an open_clip image tower is OpenAI's layout at "
+        f"its own resolution. Leave init_from empty; to start from a CLIP tower, train one "
+        f"with experiments/clip_mnist.py and pass clip_workdir=<its workdir>.")
+
+
 class Task:
   """Defaults for the members above; an experiment's task overrides what it needs.
 

@@ -1,7 +1,29 @@
-"""CLIP pretraining on captioned images: a contrastive loss over the global batch.
+"""CLIP on captioned images: a contrastive loss over the global batch.
 
 Evaluated by `evals.zeroshot` (zero-shot classification and cross-modal retrieval),
 through `embed` and `class_text_embeddings`.
+
+Where the captions come from (`config.captions`):
+  "templates": a classification dataset's labels through prompt templates, as in
+    experiments/clip_mnist.py. Class names and evaluation templates are
+    `config.zeroshot.class_names` / `.templates`, by default mmjax.data.captions's for
+    MNIST and Fashion-MNIST.
+  "data": the dataset's own "caption" text (a dataset made by mmjax.data.make_dataset).
+    Retrieval counts each caption relevant to its own image only (the example's index
+    in the split is its label); there is no zero-shot classification.
+
+Images (`config.image`): `size` (0: as stored, or the loaded model's) square crops,
+random in training (side a fraction in [min_crop, 1] of the shorter one, drawn from the
+seed and the example's position) and centred in evaluation, resized; normalised with
+`mean`/`std` (empty: the dataset's, or OpenAI CLIP's for loaded weights).
+
+Pretrained weights (`config.init_from`, an open_clip / OpenAI ViT CLIP safetensors
+file): the model is that file's architecture (`config.model` is not used), `init`
+returns its parameters, images get 3 channels at its resolution, and `config.quick_gelu`,
+`config.vision_heads` and `config.text_heads` say what the file may not record (see
+mmjax/interop/open_clip.py). The text is tokenized by
+`config.tokenizer`: kind="byte" (mmjax's byte tokenizer, the default) or kind="bpe"
+with vocab=<bpe_simple_vocab_16e6.txt.gz> (CLIP's, what open_clip's weights expect).
 """
 import functools
 
@@ -17,37 +39,139 @@ from mmjax.models import clip as clip_model
 from mmjax.tasks import base
 
 
+def _field(config, name, default):
+  """config.<name>, or `default` for a config written before the field existed."""
+  value = config.get(name)
+  return default if value is None else value
+
+
 class ClipTask(base.Task):
-  """Trains `clip_model.CLIP` on (image, templated caption) pairs."""
+  """Trains `clip_model.CLIP` on (image, caption) pairs; captions templated or the data's."""
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    captions.check_dataset(config.dataset.name)
     if config.loss not in ("softmax", "sigmoid"):
       raise ValueError(f"config.loss={config.loss!r}: use 'softmax' (InfoNCE) or 'sigmoid'.")
-    self.model = clip_model.CLIP(**config.model.to_dict(), sigmoid=config.loss == "sigmoid")
-    self.max_text_len = config.model.max_text_len
-    self.tokenizer = tokenizer_lib.ByteTokenizer(max_len=self.max_text_len)
-    self.class_names = captions.CLASS_NAMES[config.dataset.name]
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
-    self.train_preprocess = functools.partial(
-        self.preprocess, templates=captions.TRAIN_TEMPLATES[config.dataset.name])
-    self.eval_preprocess = functools.partial(
-        self.preprocess, templates=captions.EVAL_TEMPLATES[config.dataset.name])
+    self.caption_source = _field(config, "captions", "templates")
+    if self.caption_source not in ("templates", "data"):
+      raise ValueError(f"config.captions={self.caption_source!r}: use 'templates' (class "
+                       f"names through prompt templates) or 'data' (the dataset's 'caption').")
+    self.init_from = _field(config, "init_from", "")
+    if self.init_from:
+      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
+      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs())
+      if self.model.sigmoid != (config.loss == "sigmoid"):
+        raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
+                         f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
+                         f"CLIP: set --config.loss="
+                         f"{'sigmoid' if self.model.sigmoid else 'softmax'}.")
+    else:
+      self.model = clip_model.CLIP(**config.model.to_dict(),
+                                   sigmoid=config.loss == "sigmoid")
+    self.max_text_len = self.model.max_text_len
+    self.tokenizer = self._make_tokenizer(_field(config, "tokenizer", {}))
+
+    zeroshot = _field(config, "zeroshot", {})
+    name = config.dataset.name
+    self.class_names = tuple(zeroshot.get("class_names") or ())
+    self.eval_templates = tuple(zeroshot.get("templates") or ())
+    if self.caption_source == "templates":
+      if not self.class_names:
+        captions.check_dataset(name)
+        self.class_names = captions.CLASS_NAMES[name]
+      self.eval_templates = self.eval_templates or captions.EVAL_TEMPLATES.get(name, ("{}",))
+      self.train_templates = captions.TRAIN_TEMPLATES.get(name, self.eval_templates)
+    else:
+      self.class_names = ()  # The labels are example ids: nothing to classify.
+
+    image = _field(config, "image", {})
+    self.image_size = int(image.get("size") or 0)
+    self.min_crop = float(image.get("min_crop") or 1.0)
+    mean, std = tuple(image.get("mean") or ()), tuple(image.get("std") or ())
+    if not mean or not std:
+      mean, std = ((pipeline.CLIP_MEAN, pipeline.CLIP_STD) if self.init_from
+                   else pipeline.normalisation(name))
+    self.mean, self.std = mean, std
+    self.train_preprocess = functools.partial(self.preprocess, train=True)
+    self.eval_preprocess = functools.partial(self.preprocess, train=False)
     self._encode_text = jax.jit(functools.partial(self.model.apply,
                                                   method=self.model.encode_text))
 
-  def preprocess(self, batch, templates):
-    """Examples -> {"image": normalised, "tokens": a templated caption, "label"}."""
-    image = pipeline.normalize_images(batch["image"], self.mean, self.std)
-    ids = captions.template_choice(batch["position"], len(templates), self.config.seed)
-    texts = captions.captions(self.config.dataset.name, batch["label"], ids, templates)
-    return {"image": image, "tokens": self.tokenizer.encode(texts),
-            "label": batch["label"].astype(np.int32)}
+  def _load_kwargs(self) -> dict:
+    """interop.open_clip.load's quick_gelu, vision_heads and text_heads, from the config."""
+    return {k: self.config.get(k) for k in ("quick_gelu", "vision_heads", "text_heads")}
+
+  def _make_tokenizer(self, spec):
+    kind = spec.get("kind") or "byte"
+    length = int(spec.get("context_length") or 0) or self.max_text_len
+    if length > self.max_text_len:
+      raise ValueError(f"config.tokenizer.context_length={length} is longer than the "
+                       f"model's {self.max_text_len} positions.")
+    if kind == "byte":
+      tok = tokenizer_lib.ByteTokenizer(max_len=length)
+      vocab_size = tok.vocab_size
+    elif kind == "bpe":
+      if not spec.get("vocab"):
+        raise ValueError("config.tokenizer.kind='bpe' needs config.tokenizer.vocab: the path "
+                         "of CLIP's bpe_simple_vocab_16e6.txt.gz (in the open_clip package, "
+                         "or tests/fixtures/clip/).")
+      from mmjax.data import bpe  # pylint: disable=import-outside-toplevel
+      tok = bpe.ClipTokenizer(spec["vocab"], context_length=length)
+      vocab_size = tok.eot_id + 1
+    else:
+      raise ValueError(f"config.tokenizer.kind={kind!r}: use 'byte' or 'bpe'.")
+    if vocab_size > self.model.text_vocab_size:
+      raise ValueError(f"The {kind} tokenizer's ids go up to {vocab_size - 1}, but the model's "
+                       f"text vocabulary has {self.model.text_vocab_size} entries"
+                       f"{' (from ' + self.init_from + ')' if self.init_from else ''}: use "
+                       f"the tokenizer the model was trained with (config.tokenizer).")
+    return tok
+
+  def setup(self):
+    super().setup()
+    h, _, c = self.image_shape
+    size = self.image_size or h
+    channels = c
+    if self.init_from:
+      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
+      model_size = open_clip.read_config(self.init_from)["vision_cfg"]["image_size"]
+      if self.image_size and self.image_size != model_size:
+        raise ValueError(f"config.image.size={self.image_size}, but {self.init_from} takes "
+                         f"{model_size}x{model_size} images: set it to 0 or {model_size}.")
+      size, channels = model_size, 3
+      _, self.loaded_params = open_clip.load(self.init_from, **self._load_kwargs())
+    self.model_image_shape = (size, size, channels)
+
+  def preprocess(self, batch, train: bool):
+    """Examples -> {"image": [b, size, size, c] normalised, "tokens", "label"}.
+
+    "label" is the class with templated captions, else the example's position (its
+    index in an evaluation split): each caption is relevant to its own image only.
+    """
+    size, _, channels = self.model_image_shape
+    images = pipeline.crop_and_resize(
+        batch["image"], size, positions=batch["position"] if train else None,
+        seed=self.config.seed, min_fraction=self.min_crop if train else 1.0,
+        channels=channels)
+    if self.caption_source == "data":
+      texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
+               for t in batch["caption"].tolist()]
+      labels = batch["position"]
+    else:
+      templates = self.train_templates if train else self.eval_templates
+      ids = captions.template_choice(batch["position"], len(templates), self.config.seed)
+      texts = [templates[t].format(self.class_names[y])
+               for y, t in zip(batch["label"].tolist(), ids.tolist())]
+      labels = batch["label"]
+    return {"image": pipeline.normalize_channels(images, self.mean, self.std),
+            "tokens": self.tokenizer.encode(texts), "label": labels.astype(np.int32)}
 
   # Model and loss.
   def init(self, rng):
-    image = jnp.zeros((1, *self.image_shape), jnp.float32)
+    """Random parameters, or with config.init_from the file's."""
+    if self.init_from:
+      return jax.tree.map(jnp.asarray, self.loaded_params), {}
+    image = jnp.zeros((1, *self.model_image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.max_text_len), jnp.int32)
     return self.model.init(rng, image, tokens)["params"], {}
 
@@ -74,9 +198,12 @@ class ClipTask(base.Task):
     return (self.model.apply(variables, batch["image"], method=self.model.encode_image),
             self.model.apply(variables, batch["tokens"], method=self.model.encode_text))
 
-  def class_text_embeddings(self, params, extras) -> np.ndarray:
-    """[classes, templates, dim] embeddings of every held-out template of every class."""
-    templates = captions.EVAL_TEMPLATES[self.config.dataset.name]
+  def class_text_embeddings(self, params, extras) -> np.ndarray | None:
+    """[classes, templates, dim] embeddings of every evaluation template of every class;
+    None with captions from the data (no classes)."""
+    if not self.class_names:
+      return None
+    templates = self.eval_templates
     texts = [t.format(name) for name in self.class_names for t in templates]
     emb = self._encode_text({"params": params}, jnp.asarray(self.tokenizer.encode(texts)))
     return np.asarray(emb).reshape(len(self.class_names), len(templates), -1)

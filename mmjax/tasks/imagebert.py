@@ -39,6 +39,7 @@ class ImageBertTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
+    base.refuse_init_from(config, "ImageBERT")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     longest = max(self.class_names, key=lambda n: len(vqa.article(n)))

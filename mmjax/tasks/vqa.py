@@ -38,6 +38,7 @@ class VqaTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
+    base.refuse_init_from(config, "VQA")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     self.q_len = config.max_question_len

@@ -270,17 +270,25 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
 
   Trains nothing. Metrics and images are written as a training run writes them, into
   `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events, images/), at the
-  checkpoint's step. Returns the metrics.
+  checkpoint's step. A workdir without a checkpoint is an error, except with
+  `config.init_from` (pretrained weights): then the parameters are `task.init`'s,
+  i.e. the loaded ones, evaluated as step 0. Returns the metrics.
   """
   task.setup()
   evaluators = evals.build(config, task)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  step = mngr.latest_step()
-  if step is None:
+  latest = mngr.latest_step()
+  if latest is None and not config.get("init_from"):
     raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
-                            f"(the same command without --eval_only).")
+                            f"(the same command without --eval_only), or evaluate "
+                            f"pretrained weights with --config.init_from=<file>.")
   state, _ = create_train_state(config, task, mesh)
-  state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
+  step = 0
+  if latest is not None:
+    state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
+  else:
+    logging.info("--eval_only: no checkpoint in %s; evaluating %s.", mngr.directory,
+                 config.init_from)
   mngr.close()
   out_dir = os.path.join(workdir, "eval_only")
   is_main = jax.process_index() == 0
