@@ -457,7 +457,6 @@ def crop_and_resize(images: np.ndarray, size: int, *, positions: np.ndarray | No
   a crop already `size` wide is not resampled. `channels=3` repeats a grey channel.
   """
   from mmjax.data import captions  # pylint: disable=import-outside-toplevel
-  import PIL.Image  # pylint: disable=import-outside-toplevel
   b, h, w, c = images.shape
   short = min(h, w)
   if positions is None:
@@ -472,6 +471,22 @@ def crop_and_resize(images: np.ndarray, size: int, *, positions: np.ndarray | No
     sides = sides.astype(np.int64)
     tops = np.floor(u[1] * (h - sides + 1)).astype(np.int64)
     lefts = np.floor(u[2] * (w - sides + 1)).astype(np.int64)
+  if h == w == size and np.all(sides == size):
+    out = images  # Nothing to crop or resample (a 28x28 dataset at size 28).
+  else:
+    out = _crop_each(images, sides, tops, lefts, size)
+  if channels is not None and channels != c:
+    if c != 1:
+      raise ValueError(f"Images have {c} channels; the model takes {channels}. Only grey "
+                       f"images (1 channel) are converted (repeated to {channels}).")
+    out = np.repeat(out, channels, axis=-1)
+  return out
+
+
+def _crop_each(images, sides, tops, lefts, size: int) -> np.ndarray:
+  """Each image's square crop (side, top, left), resized to size x size with PIL."""
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  b, _, _, c = images.shape
   out = np.empty((b, size, size, c), np.uint8)
   for i in range(b):
     crop = images[i, tops[i]:tops[i] + sides[i], lefts[i]:lefts[i] + sides[i]]
@@ -479,9 +494,4 @@ def crop_and_resize(images: np.ndarray, size: int, *, positions: np.ndarray | No
       pil = PIL.Image.fromarray(crop[..., 0] if c == 1 else crop)
       crop = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR)).reshape(size, size, c)
     out[i] = crop
-  if channels is not None and channels != c:
-    if c != 1:
-      raise ValueError(f"Images have {c} channels; the model takes {channels}. Only grey "
-                       f"images (1 channel) are converted (repeated to {channels}).")
-    out = np.repeat(out, channels, axis=-1)
   return out
