@@ -38,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_loss = config_dict.placeholder(float)
   # A restart may change num_train_steps (and so the schedule) only when this is True.
   c.allow_schedule_change = False
+  # Throughput: train/mfu needs the device's peak dense TFLOP/s (known for common GPUs
+  # and TPUs, see mmjax/train/throughput.py); profile_steps = (first step, count) writes
+  # a jax.profiler trace into <workdir>/profile.
+  c.peak_tflops_per_device = config_dict.placeholder(float)
+  c.profile_steps = ()
   # Evaluators, each config.evals.<name> = dict(type=..., every_steps=..., ...): see
   # mmjax/evals/__init__.py. every_steps defaults to eval_every_steps.
   c.evals = ml_collections.ConfigDict()

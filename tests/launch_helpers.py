@@ -48,7 +48,8 @@ def free_port() -> int:
 
 
 # Keys whose values depend on wall-clock time, not on the computation.
-TIMING_KEYS = ("train/steps_per_sec", "eval/seconds")
+TIMING_KEYS = ("train/steps_per_sec", "train/examples_per_sec", "train/tflops_per_device",
+               "train/mfu", "eval/seconds")
 
 
 def strip_timing(rows: list[dict]) -> list[dict]:

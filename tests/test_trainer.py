@@ -211,3 +211,34 @@ def test_unknown_task_lists_every_task():
   for name in tasks.TASKS:
     assert repr(name) in str(e.value)
   assert len(tasks.TASKS) == 6
+
+
+def test_log_rows_carry_throughput_and_mfu_and_a_profile_window(tmp_path):
+  config = _config(num_train_steps=8, log_every_steps=4, peak_tflops_per_device=1.0,
+                   profile_steps=(3, 2))
+  _train(config, tmp_path, jax.devices()[:1])
+  rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+  last = rows[-1]
+  assert last["train/examples_per_sec"] == pytest.approx(16 * last["train/steps_per_sec"])
+  # FLOPs per step from XLA's cost analysis; MFU against the configured peak (1 TFLOP/s).
+  assert last["train/tflops_per_device"] > 0
+  assert last["train/mfu"] == pytest.approx(last["train/tflops_per_device"] / 1.0)
+  traces = [f for _, _, fs in os.walk(tmp_path / "profile") for f in fs]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+
+
+def test_the_step_flops_are_per_device():
+  from mmjax.train import throughput
+  flops = []
+  for n in (1, 4):
+    config = _config()
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    task = LinearTask(config, mesh)
+    task.setup()
+    state, opt = trainer.create_train_state(config, task, mesh)
+    batch = next(iter(task.train_dataset(pipeline.Sharding())))
+    compiled = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
+    flops.append(throughput.step_flops(compiled))
+  # The batch-proportional work splits over 4 devices; the update of the replicated
+  # parameters does not, so each device does more than a quarter of one device's FLOPs.
+  assert flops[0] / 4 < flops[1] < flops[0]

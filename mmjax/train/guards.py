@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 SAFE_TO_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "evals.*.every_steps", "dataset.data_dir", "dataset.download",
-    "dataset.cache_decoded", "max_loss", "allow_schedule_change",
+    "dataset.cache_decoded", "max_loss", "allow_schedule_change", "profile_steps",
+    "peak_tflops_per_device",
 )
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)

@@ -34,6 +34,7 @@ from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
 from mmjax.train import sharding as sharding_lib
+from mmjax.train import throughput
 
 
 @flax.struct.dataclass
@@ -212,6 +213,8 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
 
   writer = metrics_lib.create_writer(workdir, is_main)
   train_step = jit_train_step(task, opt, mesh)
+  flops_per_step, peak = 0.0, throughput.peak_tflops(config)
+  profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              every_secs=30)
 
@@ -221,7 +224,12 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   with _SigtermFlag() as sigterm:
     for step in range(start + 1, config.num_train_steps + 1):
       batch = sharding_lib.step_batch(next(train_iter), mesh)
+      if step == start + 1:  # Compiled once, here, so that its FLOPs can be counted.
+        train_step = train_step.lower(state, batch).compile()
+        flops_per_step = throughput.step_flops(train_step)
+      profile.before_step(step)
       state, step_metrics = train_step(state, batch)
+      profile.after_step(step, state)
       pending.append((step, step_metrics))
       progress(step)
 
@@ -243,6 +251,8 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
         now = time.monotonic()
         scalars.update(_mean_rows(rows))
         scalars["train/steps_per_sec"] = (step - last_log[0]) / (now - last_log[1])
+        scalars.update(throughput.rates(scalars["train/steps_per_sec"],
+                                        config.global_batch_size, flops_per_step, peak))
         last_log = (step, now)
       if due:
         scalars.update(_evaluate(due, state, writer, workdir, step))
@@ -258,6 +268,7 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
         logging.warning("Pre-empted: checkpoint saved at step %d, stopping.", step)
         break
 
+  profile.close()
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
