@@ -16,8 +16,8 @@ Commands:
   python launch.py --config=experiments/imagebert_mnist.py:smoke --workdir=/tmp/imagebert_smoke
 
 Target (2-core CPU, under 30 minutes): eval/itm_accuracy >= 0.95 on MNIST grids
-(eval/mlm_accuracy is reported too). Measured with the CLIP tower (frozen): 0.987, MLM
-0.999, in 18 minutes; the README has the other runs.
+(eval/mlm_accuracy is reported too), with the CLIP tower frozen. The README's results
+table has the measured figures (ITM 0.984, MLM 0.999).
 """
 from mmjax import configs
 
