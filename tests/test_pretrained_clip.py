@@ -40,6 +40,7 @@ def _config(**fields):
   return c
 
 
+@pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_eval_only_evaluates_the_loaded_weights(tmp_path):
   config = _config()
   mesh = sharding.make_mesh()
@@ -62,6 +63,7 @@ def test_eval_only_evaluates_the_loaded_weights(tmp_path):
   assert task.mean == (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, by default.
 
 
+@pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_class_names_and_templates_come_from_the_config():
   config = _config()
   config.zeroshot.class_names = tuple(f"digit {i}" for i in range(10))
@@ -90,6 +92,7 @@ def test_vqa_refuses_init_from():
     tasks.get_task(c, sharding.make_mesh())
 
 
+@pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_eval_only_without_checkpoint_or_weights_says_what_to_do(tmp_path):
   config = _config(init_from="")
   mesh = sharding.make_mesh()
@@ -97,6 +100,7 @@ def test_eval_only_without_checkpoint_or_weights_says_what_to_do(tmp_path):
     trainer.evaluate_only(config, str(tmp_path), tasks.get_task(config, mesh), mesh)
 
 
+@pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_fine_tuning_starts_at_the_loaded_params(tmp_path):
   """launch.py trains 2 steps from the file; --eval_only then reads the checkpoint."""
   args = (f"init_from={WEIGHTS}", "quick_gelu=True", "vision_heads=4", "text_heads=4", "dataset.eval_split=test[:256]", "eval_batch_size=128",
