@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from mmjax.data import tokenizer
 from mmjax.models import vit
-from mmjax.nn import attention
 from mmjax.nn import fusion
 from mmjax.nn import transformer
 

@@ -7,9 +7,7 @@ exact match), through `generate`.
 The ViT starts at random, or from the image tower of a CLIP run (`clip_workdir`);
 `config.frozen = ("vision/.*",)` keeps it as loaded.
 """
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmjax import losses
 from mmjax.data import captions
