@@ -134,9 +134,10 @@ def _run(config, trainer, tasks, sharding):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices())
   logging.info("Config:\n%s", config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(shape=config.get("mesh"))
   # Checks that need no compilation come first: batch sizes, model name, dataset.
-  sharding.check_batch_size(config.global_batch_size, mesh)
+  sharding.check_batch_size(config.global_batch_size, mesh,
+                            accum_steps=config.get("grad_accum_steps") or 1)
   task = tasks.get_task(config, mesh)
   if _EVAL_ONLY.value:
     final = trainer.evaluate_only(config, _WORKDIR.value, task, mesh)

@@ -167,15 +167,19 @@ def _sharded(block, mesh, axis_name, num_scalars):
                        in_specs=specs, out_specs=P())
 
 
-def _mesh_size(fn: str, mesh, axis_name: str) -> int:
-  if axis_name not in mesh.shape:
-    raise ValueError(f"{fn}: the mesh has no axis {axis_name!r}; its axes are "
-                     f"{tuple(mesh.shape)}.")
-  return mesh.shape[axis_name]
+def _mesh_size(fn: str, mesh, axis_name) -> int:
+  """The number of batch shards along `axis_name`: one mesh axis or a tuple of them."""
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  for name in names:
+    if name not in mesh.shape:
+      raise ValueError(f"{fn}: the mesh has no axis {name!r}; its axes are "
+                       f"{tuple(mesh.shape)}.")
+  return int(np.prod([mesh.shape[name] for name in names]))
 
 
-def info_nce_sharded(image_emb, text_emb, temperature, mesh, axis_name: str = "data"):
-  """`info_nce` over the global batch of [batch, dim] arrays split along `axis_name`.
+def info_nce_sharded(image_emb, text_emb, temperature, mesh, axis_name="data"):
+  """`info_nce` over the global batch of [batch, dim] arrays split along `axis_name`
+  (a mesh axis, or a tuple of them: ("data", "fsdp") for the trainer's mesh).
 
   Checks as `info_nce` (errors start "info_nce_sharded:"), and that the batch splits
   evenly over the mesh axis.
@@ -183,14 +187,15 @@ def info_nce_sharded(image_emb, text_emb, temperature, mesh, axis_name: str = "d
   fn = "info_nce_sharded"
   _check_embeddings(fn, image_emb, text_emb, _mesh_size(fn, mesh, axis_name))
   _check_temperature(fn, temperature)
-  if mesh.shape[axis_name] == 1:
+  if _mesh_size(fn, mesh, axis_name) == 1:
     return info_nce(image_emb, text_emb, temperature)
   return _sharded(info_nce_block, mesh, axis_name, 1)(image_emb, text_emb, temperature)
 
 
 def sigmoid_contrastive_sharded(image_emb, text_emb, log_scale, bias, mesh,
-                                axis_name: str = "data"):
-  """`sigmoid_contrastive` over the global batch split along `axis_name`.
+                                axis_name="data"):
+  """`sigmoid_contrastive` over the global batch split along `axis_name` (one mesh axis
+  or a tuple of them).
 
   Checks as `sigmoid_contrastive` (errors start "sigmoid_contrastive_sharded:"), and
   that the batch splits evenly over the mesh axis.
@@ -198,7 +203,7 @@ def sigmoid_contrastive_sharded(image_emb, text_emb, log_scale, bias, mesh,
   fn = "sigmoid_contrastive_sharded"
   _check_embeddings(fn, image_emb, text_emb, _mesh_size(fn, mesh, axis_name))
   _check_scalars(fn, log_scale=log_scale, bias=bias)
-  if mesh.shape[axis_name] == 1:
+  if _mesh_size(fn, mesh, axis_name) == 1:
     return sigmoid_contrastive(image_emb, text_emb, log_scale, bias)
   return _sharded(sigmoid_contrastive_block, mesh, axis_name, 2)(image_emb, text_emb,
                                                                  log_scale, bias)

@@ -68,12 +68,16 @@ class CLIP(nn.Module):
     """[b, len] -> [b, embed_dim], unit norm."""
     return losses.l2_normalise(self.text_proj(self.text_tower(tokens)))
 
-  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    out = {"image_emb": self.encode_image(images), "text_emb": self.encode_text(tokens),
-           "logit_scale": jnp.exp(jnp.minimum(self.logit_scale, math.log(100.0)))}
+  def scales(self) -> dict[str, jax.Array]:
+    """{"logit_scale": exp(logit_scale) clamped at 100, and "logit_bias" with sigmoid}."""
+    out = {"logit_scale": jnp.exp(jnp.minimum(self.logit_scale, math.log(100.0)))}
     if self.sigmoid:
       out["logit_bias"] = self.logit_bias
     return out
+
+  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(tokens),
+            **self.scales()}
 
 
 def weight_decay_mask(params):

@@ -10,6 +10,15 @@ A task binds a model to its data and its loss. The trainer drives it in this ord
   task.after_update(state)              -> state (EMA and the like; identity by default)
   task.weight_decay_mask(params)        -> pytree of bools (default: leaves with ndim >= 2)
 
+A loss that couples the examples of a batch (contrastive: the other examples are each
+one's negatives) sets `batch_coupled = True` and splits `loss` into two stages:
+
+  task.embed_for_loss(params, extras, batch, rng)            -> pytree of [b, ...] arrays
+  task.loss_from_embeddings(params, extras, embeddings, rng) -> (loss, (metrics, new_extras))
+
+so that gradient accumulation (`config.grad_accum_steps`) keeps the whole global batch
+as negatives (the trainer's GradCache scheme, `trainer._loss_and_grads`).
+
 What is frozen is not the task's business: `config.frozen` (regexes over parameter
 paths such as "vision/.*") is applied by the trainer and the optimizer. Evaluation
 is not either: evaluators (`mmjax/evals`, declared in `config.evals`) call the
@@ -80,6 +89,14 @@ class Task:
     raise NotImplementedError
 
   def loss(self, params, extras, batch, rng):
+    raise NotImplementedError
+
+  batch_coupled = False  # True: embed_for_loss and loss_from_embeddings are defined.
+
+  def embed_for_loss(self, params, extras, batch, rng):
+    raise NotImplementedError
+
+  def loss_from_embeddings(self, params, extras, embeddings, rng):
     raise NotImplementedError
 
   def after_update(self, state):

@@ -37,6 +37,7 @@ from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import clip as clip_model
 from mmjax.tasks import base
+from mmjax.train import sharding as sharding_lib
 
 
 def _field(config, name, default):
@@ -175,20 +176,32 @@ class ClipTask(base.Task):
     tokens = jnp.zeros((1, self.max_text_len), jnp.int32)
     return self.model.init(rng, image, tokens)["params"], {}
 
+  batch_coupled = True  # Every other pair of the global batch is a negative.
+
   def loss(self, params, extras, batch, rng):
-    out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
-    img, txt = out["image_emb"], out["text_emb"]
+    return self.loss_from_embeddings(params, extras,
+                                     self.embed_for_loss(params, extras, batch, rng), rng)
+
+  def embed_for_loss(self, params, extras, batch, rng):
+    """{"image", "text"}: the batch's [b, embed_dim] unit embeddings."""
+    img, txt = self.embed(params, extras, batch)
+    return {"image": img, "text": txt}
+
+  def loss_from_embeddings(self, params, extras, embeddings, rng):
+    """The contrastive loss over the global batch's embeddings (split over the mesh)."""
+    img, txt = embeddings["image"], embeddings["text"]
+    scales = self.model.apply({"params": params}, method=self.model.scales)
+    axes = sharding_lib.batch_axes(self.mesh)
     if self.config.loss == "softmax":
-      temperature = 1.0 / out["logit_scale"]
-      loss = losses.info_nce_sharded(img, txt, temperature, self.mesh)
+      loss = losses.info_nce_sharded(img, txt, 1.0 / scales["logit_scale"], self.mesh, axes)
     else:
-      loss = losses.sigmoid_contrastive_sharded(img, txt, jnp.log(out["logit_scale"]),
-                                                out["logit_bias"], self.mesh)
+      loss = losses.sigmoid_contrastive_sharded(img, txt, jnp.log(scales["logit_scale"]),
+                                                scales["logit_bias"], self.mesh, axes)
     # Both towers already return unit vectors; the losses normalise again (harmless).
     # In-batch accuracy: is each image's own caption its nearest among the global batch?
     nearest = jnp.argmax(img @ txt.T, axis=1)
     accuracy = jnp.mean(nearest == jnp.arange(img.shape[0]))
-    return loss, ({"train/temperature": 1.0 / out["logit_scale"],
+    return loss, ({"train/temperature": 1.0 / scales["logit_scale"],
                    "train/contrastive_accuracy": accuracy}, extras)
 
   # What the evaluators call.

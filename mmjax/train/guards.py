@@ -32,7 +32,7 @@ SAFE_TO_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "evals.*.every_steps", "dataset.data_dir", "dataset.download",
     "dataset.cache_decoded", "max_loss", "allow_schedule_change", "profile_steps",
-    "peak_tflops_per_device",
+    "peak_tflops_per_device", "mesh.*", "fsdp_min_size", "grad_accum_steps",
 )
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
@@ -81,7 +81,8 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
   """Raises one ConfigError naming every bad value of a training config.
 
   Checks: every cadence (`*_every_steps`, `evals.*.every_steps`) >= 1,
-  keep_checkpoints >= 1, num_train_steps >= 1, global_batch_size >= 1, the learning
+  keep_checkpoints >= 1, num_train_steps >= 1, global_batch_size >= 1,
+  grad_accum_steps >= 1, fsdp_min_size >= 1, the learning
   rate finite and >= 0, max_loss (if set) a number, and the dataset name.
   """
   bad = []
@@ -90,7 +91,8 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
     if not ok:
       bad.append(f"config.{field}={value!r} ({what})")
 
-  for f in _CADENCES + ("keep_checkpoints", "num_train_steps", "global_batch_size"):
+  for f in _CADENCES + ("keep_checkpoints", "num_train_steps", "global_batch_size",
+                        "grad_accum_steps", "fsdp_min_size"):
     if f in config:
       v = config[f]
       need(isinstance(v, int) and v >= 1, f, v, "must be an integer >= 1")

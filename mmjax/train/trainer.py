@@ -6,10 +6,14 @@ member the trainer uses) and in *evaluators* (`mmjax/evals`, declared in
 width, channels]: images go to TensorBoard and to `<workdir>/images/<name>_<step>.png`
 (n images side by side).
 
-The train step is one `jax.jit` over a mesh of every device of every process:
-parameters and optimizer state replicated, the batch split along the `data` axis,
-the state donated. Parameters matching `config.frozen` get no gradient, no update and
-no optimizer state. The same config gives the same losses on any number of devices.
+The train step is one `jax.jit` over a mesh of every device of every process, axes
+`data` x `fsdp` (`config.mesh`): the batch split over both, parameters and optimizer
+state split along `fsdp` (`sharding.state_sharding`; replicated with the default
+fsdp=1), the state donated. With `config.grad_accum_steps` = k the global batch runs
+as k micro-batches and one update (exact for contrastive losses too). Parameters
+matching `config.frozen` get no gradient, no update and no optimizer state. The same
+config gives the same losses on any number of devices and any mesh, and a checkpoint
+restores on another mesh.
 """
 import logging
 import os
@@ -68,19 +72,85 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _make_train_step(task, opt: optim.Optimizer):
+def _split(batch, k: int):
+  """Leaves [b, ...] -> [k, b/k, ...]. Micro-batch j holds rows j, j+k, j+2k, ...: each
+  device's rows divide among the micro-batches, so each stays split over every device."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1),
+                      batch)
+
+
+def _merge(micro):
+  """The inverse of `_split`: leaves [k, b/k, ...] -> [b, ...] in the batch's row order."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), micro)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _loss_and_grads(task, opt: optim.Optimizer, state: TrainState, batch, rng, k: int,
+                    micro_sharding):
+  """(loss, (metrics, extras)), grads of the global batch, in `k` micro-batches.
+
+  k = 1: one pass. A per-example loss (the default): `lax.scan` over the micro-batches,
+  gradients and metrics averaged (the mean of equal micro-batch means is the batch
+  mean), extras threaded through. A task with `batch_coupled = True` (contrastive: the
+  other examples are the negatives) is accumulated exactly, as GradCache does: the
+  embeddings of every micro-batch without gradients, the loss and its gradient with
+  respect to all of them at once (the negatives are the whole global batch), then
+  each micro-batch again with gradients, its embeddings' cotangents pulled back.
+  Micro-batch j draws its randomness from fold_in(rng, j) in every pass.
+  """
+  def freeze(params):  # Frozen leaves are constants: no backward pass through them.
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, opt.frozen)
+
+  def loss_fn(params, extras, batch, rng):
+    return task.loss(freeze(params), extras, batch, rng)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    return grad_fn(state.params, state.extras, batch, rng)
+  micro = _split(batch, k)
+  keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(k))
+  constrain = lambda mb: jax.lax.with_sharding_constraint(mb, micro_sharding)
+
+  if not task.batch_coupled:
+    def body(carry, inputs):
+      grads, extras = carry
+      mb, key = inputs
+      (loss, (metrics, extras)), g = grad_fn(state.params, extras, constrain(mb), key)
+      return (_add(grads, g), extras), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, extras), (loss, metrics) = jax.lax.scan(body, (zeros, state.extras), (micro, keys))
+    mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
+    return (jnp.mean(loss), (mean(metrics), extras)), jax.tree.map(lambda g: g / k, grads)
+
+  def embed(params, mb, key):
+    return task.embed_for_loss(freeze(params), state.extras, constrain(mb), key)
+
+  constants = jax.lax.stop_gradient(state.params)
+  embeddings = _merge(jax.lax.map(lambda a: embed(constants, *a), (micro, keys)))
+  (loss, aux), (grads, cotangents) = jax.value_and_grad(
+      lambda p, e: task.loss_from_embeddings(freeze(p), state.extras, e, rng),
+      argnums=(0, 1), has_aux=True)(state.params, embeddings)
+
+  def pull_back(grads, inputs):
+    mb, key, cotangent = inputs
+    _, vjp = jax.vjp(lambda p: embed(p, mb, key), state.params)
+    return _add(grads, vjp(cotangent)[0]), None
+
+  grads, _ = jax.lax.scan(pull_back, grads, (micro, keys, _split(cotangents, k)))
+  return (loss, aux), grads
+
+
+def _make_train_step(task, opt: optim.Optimizer, k: int, micro_sharding):
   """The update for one global batch: (state, batch) -> (state, metrics)."""
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      # Frozen leaves are constants here: no backward pass through what only they need.
-      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                            opt.frozen)
-      return task.loss(params, state.extras, batch, rng)
-
-    (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, extras)), grads = _loss_and_grads(task, opt, state, batch, rng, k,
+                                                       micro_sharding)
     updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = task.after_update(state.replace(
@@ -98,26 +168,39 @@ def _make_train_step(task, opt: optim.Optimizer):
 
 
 def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]:
-  """Returns (state replicated over `mesh`, the optimizer). `task.setup()` must have run."""
-  params, extras = jax.jit(task.init)(jax.random.PRNGKey(config.seed))
-  frozen = optim.frozen_mask(params, config.get("frozen", ()))
+  """Returns (state on `mesh`, the optimizer). `task.setup()` must have run.
+
+  The state is created directly in its sharding (`sharding_lib.state_sharding`):
+  with `config.mesh.fsdp` > 1 the parameters, optimizer moments and extras of at least
+  `config.fsdp_min_size` elements are split along `fsdp`, the rest replicated.
+  """
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_params = jax.eval_shape(task.init, rng)[0]
+  frozen = optim.frozen_mask(abstract_params, config.get("frozen", ()))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
                                       task.weight_decay_mask, frozen)
 
-  def init_state(params, extras):
+  def init_state(rng):
+    params, extras = task.init(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
 
-  state = jax.jit(init_state, out_shardings=sharding_lib.replicated(mesh))(params, extras)
+  shardings = sharding_lib.state_sharding(jax.eval_shape(init_state, rng), mesh,
+                                          config.get("fsdp_min_size", 2 ** 20))
+  state = jax.jit(init_state, out_shardings=shardings)(rng)
   return state, optim.Optimizer(tx, schedule, frozen)
 
 
-def jit_train_step(task, opt: optim.Optimizer, mesh):
-  """The jitted train step: state replicated and donated, batch split along `data`."""
+def jit_train_step(task, opt: optim.Optimizer, mesh, state_sharding=None):
+  """The jitted train step: the state laid out as `state_sharding` (default:
+  replicated; the trainer passes the state's own) and donated, the batch split over
+  the mesh, in `task.config.grad_accum_steps` micro-batches (default 1)."""
   repl = sharding_lib.replicated(mesh)
-  return jax.jit(_make_train_step(task, opt),
-                 in_shardings=(repl, sharding_lib.batch_sharded(mesh)),
-                 out_shardings=(repl, repl), donate_argnums=0)
+  k = task.config.get("grad_accum_steps") or 1
+  step = _make_train_step(task, opt, k, sharding_lib.batch_sharded(mesh))
+  state_sharding = repl if state_sharding is None else state_sharding
+  return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, repl), donate_argnums=0)
 
 
 def _check_finite(rows: list[tuple[int, dict]], mngr, max_loss: float | None):
@@ -178,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
   (train and eval). Raises FloatingPointError at the first non-finite step (or loss
   above `config.max_loss`); every checkpoint saved before it is finite.
   """
-  sharding_lib.check_batch_size(config.global_batch_size, mesh)
+  sharding_lib.check_batch_size(config.global_batch_size, mesh,
+                                accum_steps=config.get("grad_accum_steps") or 1)
   guards.validate(config)
   with checkpoints.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, task, mesh)
@@ -212,7 +296,7 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   start = int(state.step)
 
   writer = metrics_lib.create_writer(workdir, is_main)
-  train_step = jit_train_step(task, opt, mesh)
+  train_step = jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
   flops_per_step, peak = 0.0, throughput.peak_tflops(config)
   profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
