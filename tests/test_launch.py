@@ -22,12 +22,15 @@ LONGER = ("num_train_steps=300", "checkpoint_every_steps=10", "eval_every_steps=
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-  """The smoke config on 1 and 4 devices in one process, and on 2 processes x 2 devices."""
+  """The smoke config on 1 and 4 devices in one process, and on 2 processes x 2 devices
+  with the parameters split over each process's two devices (fsdp=2)."""
   root = tmp_path_factory.mktemp("smoke")
   port = lh.free_port()
   two_procs = [subprocess.Popen(
       lh.launch_cmd(SMOKE, root / "2x2", extra=[f"--coordinator_address=127.0.0.1:{port}",
-                                                "--num_processes=2", f"--process_id={i}"]),
+                                                "--num_processes=2", f"--process_id={i}",
+                                                "--config.mesh.fsdp=2",
+                                                "--config.fsdp_min_size=64"]),
       cwd=lh.REPO, env=lh.env_with_devices(2), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   lh.run(SMOKE, root / "1", devices=1)
@@ -63,7 +66,8 @@ def test_losses_do_not_depend_on_the_device_count(smoke_runs):
 
 
 def test_two_processes_match_one_process(smoke_runs):
-  """2 processes x 2 devices (gloo collectives on 127.0.0.1) == 1 process x 4 devices."""
+  """2 processes x 2 devices (gloo collectives on 127.0.0.1), FSDP over each process's
+  pair, == 1 process x 4 devices, data parallel."""
   two = lh.strip_timing(lh.metrics(smoke_runs / "2x2"))
   four = lh.strip_timing(lh.metrics(smoke_runs / "4"))
   assert len(two) == len(four)
