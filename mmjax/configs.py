@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   # parameters and optimizer state of at least fsdp_min_size elements split along fsdp
   # (mmjax/train/sharding.py). grad_accum_steps micro-batches make one update.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.fsdp_min_size = 2 ** 20
+  c.fsdp_min_size = 2 ** 16
   c.grad_accum_steps = 1
 
   c.dataset = ml_collections.ConfigDict()

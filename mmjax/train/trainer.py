@@ -186,7 +186,7 @@ def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]
                       rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
 
   shardings = sharding_lib.state_sharding(jax.eval_shape(init_state, rng), mesh,
-                                          config.get("fsdp_min_size", 2 ** 20))
+                                          config.get("fsdp_min_size", 2 ** 16))
   state = jax.jit(init_state, out_shardings=shardings)(rng)
   return state, optim.Optimizer(tx, schedule, frozen)
 
@@ -283,8 +283,8 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_frozen = sum(x.size for x, f in zip(jax.tree.leaves(state.params),
                                         jax.tree.leaves(opt.frozen)) if f)
-  logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es).", n_params,
-               n_frozen, mesh.devices.size, jax.process_count())
+  logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es), mesh %s.",
+               n_params, n_frozen, mesh.devices.size, jax.process_count(), dict(mesh.shape))
 
   # Resume from the last good checkpoint of this workdir, if any; metrics and
   # TensorBoard keep only the steps up to it (none when starting from scratch).
