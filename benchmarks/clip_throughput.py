@@ -1,12 +1,19 @@
-r"""CLIP train-step throughput (pairs/s) and compile time, as one JSON line.
+r"""CLIP train-step throughput, compile time, FLOPs, MFU and memory, as one JSON line.
 
   python benchmarks/clip_throughput.py                      # the CPU experiment's model
   python benchmarks/clip_throughput.py --shapes B/16 --batch 8 --steps 3 --repeats 2
+  python benchmarks/clip_throughput.py --shapes B/16 --batch 256 --dtype bfloat16 \
+      --fsdp 8 --remat full --accum 2 --scan
 
 Uses the CLIP task's loss and the trainer's jitted step (`trainer.create_train_state`,
 `trainer.jit_train_step`) on random inputs of the chosen shapes: `mnist` is the
-experiment's config (28x28x1 images, its ViT and text tower); `B/16` is CLIP ViT-B/16's
-(224x224x3 images, ViT-B/16, a 12-layer 512-wide text Transformer over 77 tokens).
+experiment's config (28x28x1 images, its ViT and text tower); `B/16` and `L/14` are
+CLIP ViT-B/16's and ViT-L/14's (224x224x3 images, the ViT, a 12-layer text Transformer
+over 77 tokens, 512 / 768 wide). `--dtype`, `--remat`, `--scan` and `--accum` set
+config.dtype, config.remat, config.scan_layers and config.grad_accum_steps; `--fsdp N`
+is config.mesh.fsdp over all devices. "bytes_per_device" is XLA's memory analysis of
+the compiled step (arguments + outputs + temporaries - donated aliases); "mfu" needs
+the device's peak (mmjax.train.throughput.PEAK_TFLOPS, or --peak-tflops).
 """
 import argparse
 import json
@@ -22,6 +29,9 @@ SHAPES = {
     "B/16": dict(image_shape=(224, 224, 3), model=dict(
         image_variant="B/16", text_width=512, text_depth=12, text_heads=8, text_mlp_dim=2048,
         max_text_len=77, embed_dim=512)),
+    "L/14": dict(image_shape=(224, 224, 3), model=dict(
+        image_variant="L/14", text_width=768, text_depth=12, text_heads=12, text_mlp_dim=3072,
+        max_text_len=77, embed_dim=768)),
 }
 
 
@@ -32,20 +42,32 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
+  parser.add_argument("--scan", action="store_true", help="config.scan_layers=True")
+  parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
+  parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's peak dense TFLOP/s, for MFU")
   args = parser.parse_args()
 
   import jax
   from experiments import clip_mnist
   from mmjax.tasks import clip as clip_task
-  from mmjax.train import sharding, trainer
+  from mmjax.train import sharding, throughput, trainer
 
   shapes = SHAPES[args.shapes]
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
   config.global_batch_size = args.batch
-  mesh = sharding.make_mesh()
+  config.dtype, config.remat, config.scan_layers = args.dtype, args.remat, args.scan
+  config.grad_accum_steps = args.accum
+  config.mesh.fsdp = args.fsdp
+  config.peak_tflops_per_device = args.peak_tflops
+  mesh = sharding.make_mesh(shape=config.mesh)
+  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
   task = clip_task.ClipTask(config, mesh)  # Its model and loss; no dataset (no setup()).
-  task.image_shape = shapes["image_shape"]
+  task.model_image_shape = shapes["image_shape"]  # What setup() reads from the dataset.
   state, opt = trainer.create_train_state(config, task, mesh)
   rng = jax.random.PRNGKey(0)
   batch = sharding.global_batch({
@@ -55,10 +77,11 @@ def main():
   }, mesh)
 
   t = time.perf_counter()
-  step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
+  step = trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
+  step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  cost = step.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = throughput.step_flops(step)  # Per device.
+  memory = step.memory_analysis()
   state, _ = step(state, batch)  # Warm-up.
   jax.block_until_ready(state)
   rates = []
@@ -70,14 +93,22 @@ def main():
     rates.append(args.steps * args.batch / (time.perf_counter() - t))
   pairs = statistics.median(rates)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(json.dumps({
-      "shapes": args.shapes, "batch": args.batch, "loss": args.loss,
-      "devices": jax.device_count(), "backend": jax.default_backend(), "params": int(n_params),
+  rates = throughput.rates(pairs / args.batch, args.batch, flops, throughput.peak_tflops(config))
+  row = {
+      "shapes": args.shapes, "batch": args.batch, "loss": args.loss, "dtype": args.dtype,
+      "remat": args.remat, "scan_layers": args.scan, "accum": args.accum, "fsdp": args.fsdp,
+      "devices": jax.device_count(), "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "params": int(n_params),
       "pairs_per_sec": round(pairs, 2), "step_ms": round(1000 * args.batch / pairs, 1),
-      "compile_s": round(compile_s, 2),
-      "gflops_per_step": round(float(cost.get("flops", 0.0)) / 1e9, 2),
-      "achieved_gflops": round(float(cost.get("flops", 0.0)) / 1e9 * pairs / args.batch, 1),
-  }))
+      "compile_s": round(compile_s, 2), "gflops_per_step_per_device": round(flops / 1e9, 2),
+      "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
+      "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None,
+  }
+  if memory is not None:
+    row["bytes_per_device"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    row["temp_bytes_per_device"] = int(memory.temp_size_in_bytes)
+  print(json.dumps(row))
 
 
 if __name__ == "__main__":
