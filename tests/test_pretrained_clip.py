@@ -54,7 +54,9 @@ def test_eval_only_evaluates_the_loaded_weights(tmp_path):
   # The parameters evaluated are the file's: open_clip's embeddings for the fixture's
   # inputs (NHWC images normalised by open_clip, its tokens).
   ref = np.load(FIXTURES / "quickgelu_p8.npz")
-  params, _ = task.init(jax.random.PRNGKey(0))
+  state, _ = trainer.create_train_state(config, task, mesh)  # Placed, not compiled in.
+  params = state.params
+  jax.tree.map(np.testing.assert_array_equal, params, task.pretrained()[0])
   image_emb, text_emb = task.embed(params, {}, {"image": ref["images_nhwc"],
                                                 "tokens": ref["tokens"]})
   np.testing.assert_allclose(image_emb, ref["image_emb"], atol=1e-5)
@@ -70,7 +72,7 @@ def test_class_names_and_templates_come_from_the_config():
   config.zeroshot.templates = ("a photo of {}.", "{}")
   task = tasks.get_task(config, sharding.make_mesh())
   task.setup()
-  emb = task.class_text_embeddings(task.init(None)[0], {})
+  emb = task.class_text_embeddings(task.pretrained()[0], {})
   assert emb.shape == (10, 2, 32)
 
 

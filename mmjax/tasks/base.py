@@ -5,7 +5,8 @@ A task binds a model to its data and its loss. The trainer drives it in this ord
   task = tasks.get_task(config, mesh)   # cheap: reads and checks the config, builds modules
   task.setup()                          # once: opens data, reads earlier runs, pre-encodes
   task.train_dataset(sharding)          -> grain.IterDataset of this process's batches
-  task.init(rng)                        -> (params, extras)
+  task.init(rng)                        -> (params, extras)   (inside jit)
+  task.pretrained()                     -> (params, extras) on the host, or None (default)
   task.loss(params, extras, batch, rng) -> (loss, (metrics, new_extras))   (inside jit)
   task.after_update(state)              -> state (EMA and the like; identity by default)
   task.weight_decay_mask(params)        -> pytree of bools (default: leaves with ndim >= 2)
@@ -87,6 +88,11 @@ class Task:
 
   def init(self, rng: jax.Array):
     raise NotImplementedError
+
+  def pretrained(self):
+    """(params, extras) loaded from files (NumPy), or None: then `init` makes them. Loaded
+    weights are placed on the devices as they are, not compiled into a program."""
+    return None
 
   def loss(self, params, extras, batch, rng):
     raise NotImplementedError

@@ -168,10 +168,12 @@ class ClipTask(base.Task):
             "tokens": self.tokenizer.encode(texts), "label": labels.astype(np.int32)}
 
   # Model and loss.
+  def pretrained(self):
+    """With config.init_from, the file's parameters (read by setup)."""
+    return (self.loaded_params, {}) if self.init_from else None
+
   def init(self, rng):
-    """Random parameters, or with config.init_from the file's."""
-    if self.init_from:
-      return jax.tree.map(jnp.asarray, self.loaded_params), {}
+    """Random parameters (config.init_from: see `pretrained`)."""
     image = jnp.zeros((1, *self.model_image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.max_text_len), jnp.int32)
     return self.model.init(rng, image, tokens)["params"], {}

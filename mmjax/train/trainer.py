@@ -175,19 +175,28 @@ def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]
   `config.fsdp_min_size` elements are split along `fsdp`, the rest replicated.
   """
   rng = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(task.init, rng)[0]
+  # Loaded weights go to the devices as arguments of the jitted initialisation, not as
+  # constants compiled into it (a CLIP L/14 file is 1.7 GB).
+  loaded = task.pretrained()
+
+  def init_params(rng, loaded):
+    return task.init(rng) if loaded is None else loaded
+
+  abstract_params = jax.eval_shape(init_params, rng, loaded)[0]
   frozen = optim.frozen_mask(abstract_params, config.get("frozen", ()))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
                                       task.weight_decay_mask, frozen)
 
-  def init_state(rng):
-    params, extras = task.init(rng)
+  def init_state(rng, loaded):
+    params, extras = init_params(rng, loaded)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
 
-  shardings = sharding_lib.state_sharding(jax.eval_shape(init_state, rng), mesh,
+  shardings = sharding_lib.state_sharding(jax.eval_shape(init_state, rng, loaded), mesh,
                                           config.get("fsdp_min_size", 2 ** 16))
-  state = jax.jit(init_state, out_shardings=shardings)(rng)
+  if loaded is not None:
+    loaded = jax.device_put(loaded, (shardings.params, shardings.extras))
+  state = jax.jit(init_state, out_shardings=shardings)(rng, loaded)
   return state, optim.Optimizer(tx, schedule, frozen)
 
 
