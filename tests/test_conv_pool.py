@@ -5,14 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from mmjax import nn as mnn
 
 RNG = np.random.default_rng(0)
-# Jitted once per shape and setting: one compilation instead of many eager ops.
-conv2d = jax.jit(mnn.conv2d, static_argnames=("stride", "padding", "padding_mode"))
-max_pool = jax.jit(mnn.max_pool, static_argnums=(1, 2, 3))
-avg_pool = jax.jit(mnn.avg_pool, static_argnums=(1, 2, 3, 4))
+# Jitted once per shape and setting: one compilation instead of many eager ops. These
+# small programs compile in about half the time without LLVM's optimizations, and
+# compiling is most of this file's time.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+conv2d = jit(mnn.conv2d, static_argnames=("stride", "padding", "padding_mode"))
+max_pool = jit(mnn.max_pool, static_argnums=(1, 2, 3))
+avg_pool = jit(mnn.avg_pool, static_argnums=(1, 2, 3, 4))
 PADDINGS = ["VALID", "SAME", 0, 1, 2, ((1, 0), (2, 1))]
 
 
@@ -110,7 +114,7 @@ def test_conv2d_outputs_and_gradients_equal_lax_conv(padding, stride):
 
   cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel).shape), jnp.float32)
   def value_and_vjp(f):
-    return jax.jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
+    return jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
 
   (y1, grads1), (y2, grads2) = value_and_vjp(ours), value_and_vjp(reference)
   np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
@@ -133,9 +137,9 @@ def test_pool_gradients_equal_reduce_window(window, stride, padding):
 
   for ours, ref in [(lambda x: mnn.avg_pool(x, window, stride, padding), ref_avg),
                     (lambda x: mnn.max_pool(x, window, stride, padding), ref_max)]:
-    np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(ref)(x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ours(x) ** 2)))(x),
-                               jax.jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x),
+    np.testing.assert_allclose(jit(ours)(x), jit(ref)(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jit(jax.grad(lambda x: jnp.sum(ours(x) ** 2)))(x),
+                               jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -145,9 +149,9 @@ def test_conv_output_size_rule(size, kernel, stride, padding):
   expected = (size - kernel + 2 * padding) // stride + 1
   assert mnn.conv_output_size(size, kernel, stride, padding) == expected
   x = jnp.zeros((1, size, size, 1))
-  assert mnn.conv2d(x, jnp.zeros((kernel, kernel, 1, 1)), stride=stride,
-                    padding=padding).shape[1] == expected
-  assert mnn.max_pool(x, kernel, stride, padding).shape[1] == expected
+  assert jax.eval_shape(lambda x: mnn.conv2d(x, jnp.zeros((kernel, kernel, 1, 1)), stride=stride,
+                                             padding=padding), x).shape[1] == expected
+  assert jax.eval_shape(lambda x: mnn.max_pool(x, kernel, stride, padding), x).shape[1] == expected
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -177,7 +181,7 @@ def _assert_same_values_and_gradients(ours, x, kernel, stride, tol=1e-4):
   cotangent = jnp.asarray(RNG.normal(size=ref(x, kernel).shape), jnp.float32)
 
   def value_and_vjp(f):
-    return jax.jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
+    return jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
 
   (y1, (dx1, dk1)), (y2, (dx2, dk2)) = value_and_vjp(ours), value_and_vjp(ref)
   np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol)
@@ -205,7 +209,7 @@ def test_every_lowering_matches_lax_conv_with_gradients(lowering, stride, cin, k
                                   ("shift", "patches", "band", 6)])
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 def test_mixed_plans_match_lax_conv_with_gradients(plan, stride):
-  """Forward, input gradient and kernel gradient by different lowerings (custom VJP),
+  """Forward, input gradient and kernel gradient by different lowerings (custom JVP),
   and the batch of 6 in 2, 3 or 6 pieces."""
   x = jnp.asarray(RNG.normal(size=(6, 10, 9, 2)), jnp.float32)
   kernel = jnp.asarray(RNG.normal(size=(3, 4, 2, 5)), jnp.float32)
@@ -244,7 +248,7 @@ def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape, strid
 @pytest.mark.parametrize("plan", [("band", "band", "band"), ("xla", "band2", "band"),
                                   ("band2", "band2", "band2", 2), ("band", "band", "band", 3)])
 def test_bias_gradient_in_every_path(plan):
-  """The bias is added inside the custom VJP (and its gradient summed piece by piece)."""
+  """The bias is added inside the custom JVP (and its gradient summed piece by piece)."""
   x = jnp.asarray(RNG.normal(size=(6, 8, 9, 3)), jnp.float32)
   kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 4)), jnp.float32)
   bias = jnp.asarray(RNG.normal(size=(4,)), jnp.float32)
@@ -257,6 +261,183 @@ def test_bias_gradient_in_every_path(plan):
     return _lax_conv(x, k, (1, 1)) + b
 
   cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel, bias).shape), jnp.float32)
-  for got, want in zip(jax.vjp(ours, x, kernel, bias)[1](cotangent),
-                       jax.vjp(reference, x, kernel, bias)[1](cotangent)):
+  got, want = jit(lambda *a: (jax.vjp(ours, *a)[1](cotangent),
+                              jax.vjp(reference, *a)[1](cotangent)))(x, kernel, bias)
+  for got, want in zip(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# Fuzzing conv2d against lax.conv_general_dilated: a seeded sample of small shapes,
+# strides, paddings, dtypes and lowerings; one jitted program per case (outputs, VJPs and
+# JVPs of both), so the sample stays a few seconds.
+FUZZ_LOWERINGS = ["shift", "band", "band1", "band2", "band3", "xla", "patches"]
+# (x dtype, kernel and bias dtype, tolerance relative to the largest reference value).
+FUZZ_DTYPES = {"f32": (jnp.float32, jnp.float32, 1e-4),
+               "bf16-f32": (jnp.bfloat16, jnp.float32, 1e-2),  # Computed in float32.
+               "bf16": (jnp.bfloat16, jnp.bfloat16, 5e-2)}
+
+
+def _fuzz_cases(n: int = 20, seed: int = 15) -> list:
+  """`n` seeded cases: 8 "auto", 8 forced plans (the batch in 1 to 3 pieces, padded where
+  they do not divide it), 4 "xla"; float32, bfloat16 x with float32 kernel, and (3
+  cases) all bfloat16."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  for i in range(n):
+    kh, kw = (int(v) for v in rng.integers(1, 5, size=2))
+    cin = int(rng.choice([1, 3, 8, 12]))
+    x_shape = (int(rng.choice([1, 3, 12, 16])), kh + int(rng.integers(0, 8)),
+               kw + int(rng.integers(0, 8)), cin)
+    kernel_shape = (kh, kw, cin, int(rng.integers(1, 7)))
+    stride = tuple(int(v) for v in rng.integers(1, 4, size=2))
+    padding = ["VALID", "SAME", 1, ((0, 2), (1, 0))][i % 4]
+    mode = ["zeros", "edge"][int(rng.integers(0, 2))]
+    dtype = "bf16" if i % 6 == 5 else ["f32", "bf16-f32"][i % 2]
+    lowering = ["auto", "plan", "xla", "auto", "plan"][i % 5]
+    if lowering == "plan":
+      names = [n for n in FUZZ_LOWERINGS if n != "shift" or cin * kh * kw <= 12]
+      lowering = mnn.conv.Plan(*(str(n) for n in rng.choice(names, size=3)),
+                               int(rng.integers(1, 4)))
+    cases.append(pytest.param(x_shape, kernel_shape, stride, padding, mode, dtype, lowering,
+                              id=f"{i}-{x_shape}-{kernel_shape}-s{stride}-{dtype}-{lowering}"))
+  return cases
+
+
+def _reference_conv2d(x, kernel, bias, stride, padding, mode):
+  """lax.conv_general_dilated of x and kernel in their common dtype, plus bias."""
+  dtype = jnp.result_type(x, kernel)
+  pads = mnn.explicit_padding(padding, x.shape[1:3], kernel.shape[:2], stride)
+  x = jnp.pad(x.astype(dtype), ((0, 0), *pads, (0, 0)),
+              mode="edge" if mode == "edge" else "constant")
+  return _lax_conv(x, kernel.astype(dtype), stride) + bias
+
+
+def _value_vjp_jvp(f, args, tangents, cotangent):
+  """f(*args), its VJP (reverse mode) and its JVP (forward mode)."""
+  y, vjp = jax.vjp(f, *args)
+  return y, vjp(cotangent), jax.jvp(f, args, tangents)[1]
+
+
+def _assert_close(got, want, tol, what):
+  assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, stride, padding, mode, dtype, lowering",
+                         _fuzz_cases())
+def test_conv2d_fuzz_values_vjps_and_jvps_equal_lax_conv(x_shape, kernel_shape, stride, padding,
+                                                        mode, dtype, lowering, monkeypatch):
+  """Outputs, VJPs and JVPs (each in the dtype lax gives) of every lowering choice. Pieces
+  of 64 KiB make "auto" cut the larger batches here too."""
+  monkeypatch.setattr(mnn.conv, "CHUNK_BYTES", 64 << 10)
+  x_dtype, k_dtype, tol = FUZZ_DTYPES[dtype]
+  rng = np.random.default_rng(abs(hash((x_shape, kernel_shape, stride))) % 2**32)
+  def normal(shape, dtype):
+    return jnp.asarray(rng.normal(size=shape), dtype)
+  args = (normal(x_shape, x_dtype), normal(kernel_shape, k_dtype), normal(kernel_shape[-1:], k_dtype))
+  tangents = tuple(normal(a.shape, a.dtype) for a in args)
+
+  def ours(x, k, b):
+    return mnn.conv2d(x, k, b, stride=stride, padding=padding, padding_mode=mode,
+                      lowering=lowering)
+
+  def reference(x, k, b):
+    return _reference_conv2d(x, k, b, stride, padding, mode)
+
+  out_shape = jax.eval_shape(reference, *args)
+  cotangent = normal(out_shape.shape, out_shape.dtype)
+  got, want = jit(lambda a, t, c: (_value_vjp_jvp(ours, a, t, c),
+                                   _value_vjp_jvp(reference, a, t, c)))(args, tangents, cotangent)
+  assert want[0].dtype == jnp.result_type(*args)
+  for what, g, w in zip(["output", "dx", "dkernel", "dbias", "jvp"],
+                        jax.tree.leaves(got), jax.tree.leaves(want)):
+    _assert_close(g, w, tol, what)
+
+
+@pytest.mark.parametrize("lowering", ["auto", mnn.conv.Plan("xla", "band2", "patches", 2)])
+def test_conv2d_hessian_vector_products_equal_lax_conv(lowering):
+  """Forward over reverse (jvp of grad) and reverse over reverse (grad of a grad norm)."""
+  x = jnp.asarray(RNG.normal(size=(5, 7, 6, 8)), jnp.float32)
+  kernel = jnp.asarray(RNG.normal(size=(3, 3, 8, 4)) / 8, jnp.float32)
+  bias = jnp.asarray(RNG.normal(size=(4,)), jnp.float32)
+
+  def derivatives(conv):
+    def loss(x, k, b):
+      return jnp.sum(jnp.tanh(conv(x, k, b)) ** 2)
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    hvp = jax.jvp(grad, (x, kernel, bias), (x, kernel, bias))[1]
+    grad_of_grad = jax.grad(lambda k: sum(jnp.sum(g ** 2) for g in grad(x, k, bias)))(kernel)
+    return hvp, grad_of_grad
+
+  got, want = jit(lambda: (
+      derivatives(lambda x, k, b: mnn.conv2d(x, k, b, padding=1, lowering=lowering)),
+      derivatives(lambda x, k, b: _reference_conv2d(x, k, b, (1, 1), 1, "zeros"))))()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _assert_close(g, w, 1e-3, "second derivative")
+
+
+def _primitives(jaxpr) -> set[str]:
+  return {str(eqn.primitive) for eqn in jaxpr.eqns}
+
+
+def test_auto_lowering_follows_the_backend(monkeypatch):
+  """"auto": the CPU plan (a custom JVP around band products) on "cpu", XLA's convolution
+  with plain autodiff elsewhere; "xla" and forced plans whatever the backend."""
+  x, kernel = jnp.ones((4, 9, 9, 8)), jnp.ones((3, 3, 8, 4))
+
+  def primitives(lowering):
+    f = lambda x: mnn.conv2d(x, kernel, padding="SAME", lowering=lowering)
+    return _primitives(jax.make_jaxpr(lambda x: jax.jvp(f, (x,), (x,)))(x).jaxpr)
+
+  monkeypatch.setattr(mnn.conv, "_backend", lambda: "cpu")
+  assert "custom_jvp_call" in primitives("auto")
+  assert "conv_general_dilated" not in primitives(mnn.conv.Plan("band", "band", "band"))
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(mnn.conv, "_backend", lambda: backend)
+    assert primitives("auto") == primitives("xla")
+    assert "custom_jvp_call" not in primitives("auto")
+    assert "conv_general_dilated" in primitives("auto")
+    assert "conv_general_dilated" not in primitives(mnn.conv.Plan("band", "band", "band"))
+
+
+@pytest.mark.parametrize("lowering, match", [
+    ("band5", r'Plan\("band5", "band5", "band5"\)'), ("fast", '"auto".*"xla"'),
+    (("band0", "xla", "xla"), r"Plan.forward: .*band<n> with n >= 1"),
+    (("xla", "xla"), "a plan must be Plan"), (("xla", "xla", "xla", 0), "batch_chunks"),
+    (3, "a plan must be Plan")])
+def test_bad_lowerings_raise_clear_errors(lowering, match):
+  with pytest.raises(ValueError, match="conv2d: .*" + match):
+    mnn.conv2d(jnp.zeros((1, 5, 5, 2)), jnp.zeros((3, 3, 2, 4)), lowering=lowering)
+
+
+def test_conv2d_module_dtypes_promote_as_flax():
+  """bfloat16 input, float32 params (8 channels: an XLA-forward plan): float32 out, as
+  flax.linen.Conv; `dtype` casts everything, `param_dtype` makes the params."""
+  x = jnp.asarray(RNG.normal(size=(2, 9, 9, 8)), jnp.bfloat16)
+  module = mnn.Conv2D(4, 3, padding="SAME")
+  key = jax.random.key(0)
+  params = jit(module.init)(key, x)
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  half = jax.eval_shape(mnn.Conv2D(4, 3, param_dtype=jnp.bfloat16).init, key, x)
+  assert {p.dtype for p in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+  y, flax_y, y_bf16 = jit(lambda p, x: (
+      module.apply(p, x), nn.Conv(4, (3, 3), padding="SAME").apply(p, x),
+      mnn.Conv2D(4, 3, padding="SAME", dtype=jnp.bfloat16).apply(p, x)))(params, x)
+  assert y.dtype == flax_y.dtype == jnp.float32 and y_bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y, flax_y, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(y_bf16, np.float32), y, rtol=5e-2, atol=5e-2)
+
+
+def test_avg_pool_of_bfloat16_sums_in_float32():
+  """Windows of values near 100 (bfloat16 steps of 0.5): a bfloat16 running sum would be
+  off by several steps; summed in float32, the mean is the float32 mean rounded once."""
+  x = jnp.asarray(RNG.normal(size=(1, 12, 12, 2)) + 100, jnp.bfloat16)
+  pools = [(4,), (3, 1, 1), (2, 1, "SAME")]
+  got, want = jit(lambda x: ([mnn.avg_pool(x, *a) for a in pools],
+                             [mnn.avg_pool(x.astype(jnp.float32), *a).astype(x.dtype)
+                              for a in pools]))(x)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

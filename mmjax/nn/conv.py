@@ -1,9 +1,13 @@
 """2-D convolution as a pure function, with a thin linen module over it.
 
 `conv2d` computes exactly `jax.lax.conv_general_dilated` (NHWC, HWIO; tested to float
-tolerance, gradients included), but lowers it, per shape, to whichever form XLA runs
-fastest on a CPU. Each form is a short pure function of the padded input and the kernel
-whose autodiff gives its gradients:
+tolerance, reverse- and forward-mode derivatives included). On the CPU backend it lowers
+it, per shape, to whichever form XLA runs fastest on a CPU; on any other backend (GPU,
+TPU) it is XLA's convolution with plain autodiff. `conv2d(..., lowering=...)` and
+`Conv2D.lowering` choose: "auto" (that rule; the backend is `jax.default_backend()` when
+`conv2d` is traced), "xla" (XLA's convolution everywhere) or a `Plan` (forced). Each CPU
+form is a short pure function of the padded input and the kernel whose autodiff gives
+its gradients:
 
   "shift"    the sum over taps of shifted input views times the kernel taps: elementwise,
              fused by XLA into one loop (no patches in memory). For 1 input channel.
@@ -15,13 +19,20 @@ whose autodiff gives its gradients:
   "patches"  one matrix product over gathered kh*kw patches (im2col).
 
 The forward, the input gradient and the kernel gradient may each use a different form,
-and a large batch is computed in pieces one after another (`Plan`, through
-`jax.custom_vjp`); `choose_plan` picks them from the shapes. The docstrings of
-`choose_plan` and `_batch_chunks` give the measurements behind the choices.
+and a large batch is computed in pieces one after another (`Plan`); `choose_plan` picks
+them from the shapes. The docstrings of `choose_plan` and `_batch_chunks` give the
+measurements behind the choices. A mixed or cut plan is a `jax.custom_jvp` whose
+tangent, conv(dx, kernel) + conv(x, dkernel), uses the input- and kernel-gradient
+forms: forward mode (`jax.jvp`, `jax.jacfwd`) evaluates it, reverse mode transposes it
+into those forms' VJPs, and both differentiate again (Hessian-vector products).
+
+x and kernel are cast to their common dtype first (bfloat16 with float32 gives float32),
+so the output has dtype jnp.result_type(x, kernel, bias) on every path and each gradient
+its own input's dtype.
 """
 import functools
 import operator
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -191,6 +202,12 @@ def conv_band(x: jax.Array, kernel: jax.Array, stride: tuple[int, int],
   return y.reshape(b, out_h, blocks * block, cout)[:, :, :out_w]
 
 
+def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x and kernel cast to jnp.result_type(x, kernel), as jnp's binary operations do."""
+  dtype = jnp.result_type(x, kernel)
+  return jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+
+
 def conv_xla(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
   """VALID convolution of padded `x` by XLA's convolution."""
   return jax.lax.conv_general_dilated(x, kernel, stride, "VALID",
@@ -205,26 +222,47 @@ def conv_patches(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> ja
   return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
 
 
+LOWERINGS = {"shift": conv_shift, "band": conv_band, "xla": conv_xla, "patches": conv_patches}
+
+
 def lowering(name: str):
-  """"shift", "band", "band<n>" (blocks of n output columns), "xla" or "patches" ->
+  """"shift", "band", "band<n>" (blocks of n >= 1 output columns), "xla" or "patches" ->
   the function (padded x, kernel, stride) -> y."""
-  if name.startswith("band") and name[4:].isdigit():
+  if isinstance(name, str) and name[:4] == "band" and name[4:].isdigit() and int(name[4:]) > 0:
     return functools.partial(conv_band, block=int(name[4:]))
-  lowerings = {"shift": conv_shift, "band": conv_band, "xla": conv_xla,
-               "patches": conv_patches}
-  if name not in lowerings:
+  if not isinstance(name, str) or name not in LOWERINGS:
     raise ValueError(f"Unknown convolution lowering {name!r}: use one of "
-                     f"{sorted(lowerings)} or band<n>.")
-  return lowerings[name]
+                     f"{sorted(LOWERINGS)} or band<n> with n >= 1.")
+  return LOWERINGS[name]
 
 
 class Plan(NamedTuple):
   """How to lower one convolution: a lowering for the output, one for the input gradient,
-  one for the kernel gradient, and how many pieces to cut the batch into."""
+  one for the kernel gradient, and how many pieces to cut the batch into.
+
+  The forward-mode tangent dy = conv(dx, kernel) + conv(x, dkernel) uses the input- and
+  kernel-gradient lowerings too (reverse mode is its transpose)."""
   forward: str
   input_grad: str
   kernel_grad: str
   batch_chunks: int = 1
+
+
+def check_plan(plan, fn: str = "check_plan") -> Plan:
+  """A `Plan` (or a tuple of its fields) with known lowerings and batch_chunks >= 1 ->
+  the Plan, else a ValueError naming `fn`."""
+  how = 'e.g. Plan("band5", "band5", "band5") or Plan("xla", "band4", "band4", 2)'
+  if not isinstance(plan, tuple) or not 3 <= len(plan) <= 4:
+    raise ValueError(f"{fn}: a plan must be Plan(forward, input_grad, kernel_grad, "
+                     f"batch_chunks=1), {how}; got {plan!r}.")
+  plan = Plan(*plan)
+  for field in ("forward", "input_grad", "kernel_grad"):
+    try:
+      lowering(getattr(plan, field))
+    except ValueError as error:
+      raise ValueError(f"{fn}: Plan.{field}: {error}") from None
+  static_int(plan.batch_chunks, "Plan.batch_chunks", fn, minimum=1)
+  return plan
 
 
 def _split_batch(a: jax.Array, chunks: int) -> jax.Array:
@@ -235,53 +273,65 @@ def _merge_batch(a: jax.Array) -> jax.Array:
   return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def _grads(x, kernel, dy, stride, plan):
-  """(dx, dkernel): each the VJP of its own lowering; all compute the same linear map."""
-  dy = dy.astype(jnp.result_type(x, kernel))  # The bias may have widened y.
-  _, input_vjp = jax.vjp(lambda x: lowering(plan.input_grad)(x, kernel, stride), x)
-  _, kernel_vjp = jax.vjp(lambda k: lowering(plan.kernel_grad)(x, k, stride), kernel)
-  return input_vjp(dy)[0], kernel_vjp(dy)[0]
+def _by_pieces(f, chunks: int, *batched: jax.Array) -> jax.Array:
+  """f(*batched) over the batch in `chunks` pieces one after another (`jax.lax.map`)."""
+  if chunks == 1:
+    return f(*batched)
+  pieces = tuple(_split_batch(a, chunks) for a in batched)
+  return _merge_batch(jax.lax.map(lambda a: f(*a), pieces))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _conv_planned(x, kernel, bias, stride, plan):
-  """The forward lowering plus bias, over the batch in `plan.batch_chunks` pieces one
-  after another."""
-  def forward(x):
-    return lowering(plan.forward)(x, kernel, stride) + bias
-  if plan.batch_chunks == 1:
-    return forward(x)
-  return _merge_batch(jax.lax.map(forward, _split_batch(x, plan.batch_chunks)))
+  """The forward lowering plus bias, over the batch in `plan.batch_chunks` pieces."""
+  forward = lowering(plan.forward)
+  return _by_pieces(lambda x: forward(x, kernel, stride) + bias, plan.batch_chunks, x)
 
 
-def _conv_planned_fwd(x, kernel, bias, stride, plan):
-  return _conv_planned(x, kernel, bias, stride, plan), (x, kernel, jnp.zeros_like(bias))
+def _is_zero(tangent) -> bool:
+  """Whether a tangent given to a `symbolic_zeros` JVP rule is a symbolic zero."""
+  return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-def _conv_planned_bwd(stride, plan, residuals, dy):
-  """All gradients, piece by piece: one piece's rows or patches in memory at a time."""
-  x, kernel, zero_bias = residuals
-  if plan.batch_chunks == 1:
-    dx, dkernel = _grads(x, kernel, dy, stride, plan)
-    return dx, dkernel, dy.sum((0, 1, 2)).astype(zero_bias.dtype)
+@functools.partial(_conv_planned.defjvp, symbolic_zeros=True)
+def _conv_planned_jvp(stride, plan, primals, tangents):
+  """dy = conv(dx, kernel) by the input-gradient lowering + conv(x, dkernel) by the
+  kernel-gradient lowering + dbias, piece by piece.
 
-  def piece(sums, x_and_dy):
-    x, dy = x_and_dy
-    dx, dk = _grads(x, kernel, dy, stride, plan)
-    return (sums[0] + dk, sums[1] + dy.sum((0, 1, 2)).astype(zero_bias.dtype)), dx
+  The convolution is bilinear, so this is its JVP whatever the lowerings; reverse mode
+  transposes it, which makes the input gradient the VJP of `plan.input_grad` and the
+  kernel gradient that of `plan.kernel_grad`. Each piece is rematerialized
+  (`jax.checkpoint`): the backward pass rebuilds one piece's rows at a time instead of
+  keeping every piece's rows from the forward pass.
+  """
+  (x, kernel, bias), (dx, dkernel, dbias) = primals, tangents
+  y = _conv_planned(x, kernel, bias, stride, plan)
+  input_part, kernel_part = lowering(plan.input_grad), lowering(plan.kernel_grad)
 
-  pieces = (_split_batch(x, plan.batch_chunks), _split_batch(dy, plan.batch_chunks))
-  (dkernel, dbias), dx = jax.lax.scan(piece, (jnp.zeros_like(kernel), zero_bias), pieces)
-  return _merge_batch(dx), dkernel, dbias
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def piece(x, dx=None):
+    dy = 0 if dx is None else input_part(dx, kernel, stride)
+    if not _is_zero(dkernel):
+      dy = dy + kernel_part(x, dkernel, stride)
+    return dy if _is_zero(dbias) else dy + dbias
 
-
-_conv_planned.defvjp(_conv_planned_fwd, _conv_planned_bwd)
+  if _is_zero(dx) and _is_zero(dkernel):  # Only the bias moves.
+    dy = jnp.broadcast_to(dbias, y.shape)
+  elif _is_zero(dx):  # A fixed input (the data): no input term to compute.
+    dy = _by_pieces(piece, plan.batch_chunks, x)
+  else:
+    dy = _by_pieces(piece, plan.batch_chunks, x, dx)
+  return y, dy.astype(y.dtype)
 
 
 def conv_valid(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], plan: Plan,
                bias: jax.Array | None = None) -> jax.Array:
-  """VALID convolution of (already padded) `x` plus `bias`, lowered as `plan` says."""
+  """VALID convolution of (already padded) `x` plus `bias`, lowered as `plan` says.
+
+  x and kernel are first cast to their common dtype; the output has dtype
+  jnp.result_type(x, kernel, bias), each gradient its own input's dtype."""
   plan = Plan(*plan)
+  x, kernel = _promote(x, kernel)
   if plan.batch_chunks == 1 and plan.forward == plan.input_grad == plan.kernel_grad:
     y = lowering(plan.forward)(x, kernel, stride)  # Autodiff shares work with the forward.
     return y if bias is None else y + bias
@@ -374,8 +424,9 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
     alone (0.9 ms without the tanh) but with the model's tanh fused into its 25-term
     loop XLA no longer vectorizes the loop (5.2 ms here; 9 terms still vectorize).
   When all three parts use one lowering and the batch is one piece, plain autodiff is
-  used (no custom VJP), so the kernel gradient reuses the forward's rows. The batch is
-  cut into pieces by `_batch_chunks`.
+  used (no custom JVP), so the kernel gradient reuses the forward's rows. The batch is
+  cut into pieces by `_batch_chunks`. These plans are for the CPU backend: `conv2d`
+  uses XLA's convolution elsewhere unless told otherwise.
   """
   kh, kw, cin, _ = kernel_shape
   out_w = conv_output_size(x_shape[2], kw, stride[1])
@@ -389,8 +440,45 @@ def choose_plan(x_shape, kernel_shape, stride) -> Plan:
   return Plan(*lowerings, _batch_chunks(x_shape[0], bytes_per_image))
 
 
+def _backend() -> str:
+  """The backend that `lowering="auto"` lowers for: `jax.default_backend()` ("cpu",
+  "gpu", "tpu"), read when `conv2d` is traced. Under `jax.jit` a program is traced for
+  the default backend's devices unless told otherwise; code that places a CPU-traced
+  program on another backend (or the reverse) should pass `lowering` explicitly."""
+  return jax.default_backend()
+
+
+def _check_lowering(value, fn: str) -> str | Plan:
+  """"auto", "xla" or a valid `Plan` -> itself, else a ValueError naming `fn`."""
+  if isinstance(value, str):
+    if value in ("auto", "xla"):
+      return value
+    try:  # One lowering's name: say how to force it everywhere.
+      lowering(value)
+      example = f'Plan("{value}", "{value}", "{value}")'
+    except ValueError:
+      example = 'Plan("band5", "band5", "band5")'
+    raise ValueError(f'{fn}: lowering={value!r}: use "auto" (the CPU plan on the CPU '
+                     f'backend, XLA\'s convolution elsewhere), "xla", or an '
+                     f'mmjax.nn.conv.Plan such as {example}.')
+  return check_plan(value, fn)
+
+
+def conv_lax(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, stride: tuple[int, int],
+             pads, padding_mode: str = "zeros") -> jax.Array:
+  """`lax.conv_general_dilated` with explicit `pads` (an "edge" border padded first), x
+  and kernel cast to their common dtype, plus `bias`: plain XLA, plain autodiff."""
+  x, kernel = _promote(x, kernel)
+  if padding_mode != "zeros":
+    x, pads = pad2d(x, pads, padding_mode, fn="conv2d"), ((0, 0), (0, 0))
+  y = jax.lax.conv_general_dilated(x, kernel, stride, pads,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y if bias is None else y + bias
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-           stride=1, padding: Padding = "VALID", padding_mode: str = "zeros") -> jax.Array:
+           stride=1, padding: Padding = "VALID", padding_mode: str = "zeros",
+           lowering: str | Plan = "auto") -> jax.Array:
   """2-D convolution (cross-correlation, as in every deep-learning library).
 
   Args:
@@ -400,10 +488,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
     stride: int or (sh, sw), each >= 1.
     padding: "VALID", "SAME", an int p >= 0, or ((top, bottom), (left, right)).
     padding_mode: "zeros" (zero padding) or "edge" (border pixels repeated).
+    lowering: "auto" (`choose_plan`'s plan on the CPU backend, XLA's convolution on any
+      other; the backend is `jax.default_backend()` when traced), "xla" (XLA's
+      convolution on every backend), or a `Plan` to force.
     Integers may be Python or NumPy ones.
 
   Returns:
-    [batch, out_h, out_w, out_channels], out = floor((in - k + pad_total) / s) + 1.
+    [batch, out_h, out_w, out_channels], out = floor((in - k + pad_total) / s) + 1, of
+    dtype jnp.result_type(x, kernel, bias) (x and kernel are cast to their common dtype
+    first); gradients come in each input's own dtype.
 
   Raises:
     ValueError, starting "conv2d:", for wrong shapes or arguments (checked on shapes
@@ -426,18 +519,33 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
                      f"{jnp.shape(bias)}.")
   stride = pair(stride, "stride", fn="conv2d")
   pads = explicit_padding(padding, x.shape[1:3], (kh, kw), stride, fn="conv2d")
-  x = pad2d(x, pads, padding_mode, fn="conv2d")
-  out_h, out_w = _out_size(x, kernel, stride)
+  if padding_mode not in PADDING_MODES:
+    raise ValueError(f"conv2d: padding_mode={padding_mode!r}: use one of "
+                     f"{sorted(PADDING_MODES)}.")
+  how = _check_lowering(lowering, "conv2d")
+  padded = tuple(n + p0 + p1 for n, (p0, p1) in zip(x.shape[1:3], pads))
+  out_h, out_w = (conv_output_size(n, k, s) for n, k, s in zip(padded, (kh, kw), stride))
   if out_h < 1 or out_w < 1:
     raise ValueError(f"conv2d: the kernel window {(kh, kw)} is larger than the padded input "
-                     f"{x.shape[1:3]}; pad more or use a smaller kernel.")
+                     f"{padded}; pad more or use a smaller kernel.")
+  if how == "auto" and _backend() != "cpu":
+    how = "xla"
+  if how == "xla":
+    return conv_lax(x, kernel, bias, stride, pads, padding_mode)
+  x = pad2d(x, pads, padding_mode, fn="conv2d")
   # Rows and columns past the last window (strides, SAME padding) are never read.
   x = x[:, :stride[0] * (out_h - 1) + kh, :stride[1] * (out_w - 1) + kw]
-  return conv_valid(x, kernel, stride, choose_plan(x.shape, kernel.shape, stride), bias)
+  plan = choose_plan(x.shape, kernel.shape, stride) if how == "auto" else how
+  return conv_valid(x, kernel, stride, plan, bias)
 
 
 class Conv2D(nn.Module):
-  """Linen module over `conv2d`: params `kernel` [kh, kw, in, out] and `bias` [out]."""
+  """Linen module over `conv2d`: params `kernel` [kh, kw, in, out] and `bias` [out].
+
+  As in `flax.linen.Conv`: params are created in `param_dtype`; x, kernel and bias are
+  cast to `dtype` (None: their common dtype, `flax.linen.dtypes.promote_dtype`) before
+  the convolution. `lowering` is passed to `conv2d`.
+  """
   features: int
   kernel_size: int | tuple[int, int]
   stride: int | tuple[int, int] = 1
@@ -446,11 +554,17 @@ class Conv2D(nn.Module):
   use_bias: bool = True
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  lowering: str | Plan = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = pair(self.kernel_size, "kernel_size", fn="Conv2D")
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, jnp.shape(x)[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv2d(x, kernel, bias, stride=self.stride, padding=self.padding,
-                  padding_mode=self.padding_mode)
+                  padding_mode=self.padding_mode, lowering=self.lowering)

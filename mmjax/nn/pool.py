@@ -70,14 +70,19 @@ def avg_pool(x: jax.Array, window, stride=None, padding: Padding = "VALID",
 
   With `count_include_pad` (the default, as in PyTorch and Flax) every window is
   divided by kh*kw, padding included; otherwise by the number of real pixels in it.
-  Shapes, arguments and errors as in `max_pool` (the errors start "avg_pool:").
+  Low-precision floats (bfloat16, float16) are summed in float32 and the mean cast back;
+  integers give the default float dtype. Shapes, arguments and errors as in `max_pool`
+  (the errors start "avg_pool:").
   """
   window, stride, pads = _geometry(x, window, stride, padding, "avg_pool")
+  x = jnp.asarray(x)
+  dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.result_type(float)
+  x = x.astype(jnp.promote_types(dtype, jnp.float32))  # bfloat16 sums in float32.
   if (tiles := _tiles(x, window, stride, pads)) is not None:
-    return tiles.mean(axis=(2, 4))
+    return tiles.mean(axis=(2, 4)).astype(dtype)
   total = sum(windows(pad2d(x, pads), window, stride))
   if count_include_pad:
-    return total / (window[0] * window[1])
+    return (total / (window[0] * window[1])).astype(dtype)
   ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
   counts = sum(windows(pad2d(ones, pads), window, stride))
-  return total / counts
+  return (total / counts).astype(dtype)
