@@ -2,11 +2,14 @@ r"""CLIP train-step throughput (pairs/s) and compile time, as one JSON line.
 
   python benchmarks/clip_throughput.py                      # the CPU experiment's model
   python benchmarks/clip_throughput.py --shapes B/16 --batch 8 --steps 3 --repeats 2
+  python benchmarks/clip_throughput.py --dtype bfloat16 --remat full
 
 Uses the CLIP task's loss and the trainer's jitted step (`trainer.create_train_state`,
 `trainer.jit_train_step`) on random inputs of the chosen shapes: `mnist` is the
 experiment's config (28x28x1 images, its ViT and text tower); `B/16` is CLIP ViT-B/16's
 (224x224x3 images, ViT-B/16, a 12-layer 512-wide text Transformer over 77 tokens).
+`--dtype`, `--remat` and `--scan-layers` set config.dtype, config.remat and
+config.scan_layers (see the README's "Mixed precision, remat and scanned layers").
 """
 import argparse
 import json
@@ -32,6 +35,9 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--scan-layers", action="store_true")
   args = parser.parse_args()
 
   import jax
@@ -43,9 +49,10 @@ def main():
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
   config.global_batch_size = args.batch
+  config.dtype, config.remat, config.scan_layers = args.dtype, args.remat, args.scan_layers
   mesh = sharding.make_mesh()
   task = clip_task.ClipTask(config, mesh)  # Its model and loss; no dataset (no setup()).
-  task.image_shape = shapes["image_shape"]
+  task.image_shape = task.model_image_shape = shapes["image_shape"]
   state, opt = trainer.create_train_state(config, task, mesh)
   rng = jax.random.PRNGKey(0)
   batch = sharding.global_batch({
@@ -71,7 +78,8 @@ def main():
   pairs = statistics.median(rates)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(json.dumps({
-      "shapes": args.shapes, "batch": args.batch, "loss": args.loss,
+      "shapes": args.shapes, "batch": args.batch, "loss": args.loss, "dtype": args.dtype,
+      "remat": args.remat, "scan_layers": args.scan_layers,
       "devices": jax.device_count(), "backend": jax.default_backend(), "params": int(n_params),
       "pairs_per_sec": round(pairs, 2), "step_ms": round(1000 * args.batch / pairs, 1),
       "compile_s": round(compile_s, 2),

@@ -49,6 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over parameter paths ("vision/.*"): those leaves get no update, no optimizer
   # state and no weight decay.
   c.frozen = ()
+  # Precision and memory (mmjax/nn/precision.py): the models' computation dtype and
+  # parameter dtype ("float32", "bfloat16" or "float16"; softmax, norm statistics,
+  # logits and losses stay float32); remat: "none", "full" or a jax.checkpoint_policies
+  # name (e.g. "dots_with_no_batch_dims_saveable"), recomputing each Transformer / U-Net
+  # block in the backward pass; scan_layers: one scanned block per ViT / text encoder
+  # (clip and ldm tasks; another parameter layout).
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  c.remat = "none"
+  c.scan_layers = False
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist"

@@ -24,6 +24,13 @@ returns its parameters, images get 3 channels at its resolution, and `config.qui
 mmjax/interop/open_clip.py). The text is tokenized by
 `config.tokenizer`: kind="byte" (mmjax's byte tokenizer, the default) or kind="bpe"
 with vocab=<bpe_simple_vocab_16e6.txt.gz> (CLIP's, what open_clip's weights expect).
+
+Precision and memory: the model computes in `config.dtype` with parameters in
+`config.param_dtype` (embeddings, logits and loss float32), `config.remat` recomputes
+the towers' blocks in the backward pass, and `config.scan_layers` scans them (not with
+`init_from`, whose weights are unscanned). `config.model.dropout_rate` (default 0)
+drops attention weights and residual branches in training only (the "dropout" rng
+comes from the train step's key); evaluation is deterministic.
 """
 import functools
 
@@ -57,9 +64,14 @@ class ClipTask(base.Task):
       raise ValueError(f"config.captions={self.caption_source!r}: use 'templates' (class "
                        f"names through prompt templates) or 'data' (the dataset's 'caption').")
     self.init_from = _field(config, "init_from", "")
+    options = base.model_options(config, "clip", scan=True)
     if self.init_from:
+      if options["scan_layers"]:
+        raise ValueError(f"config.scan_layers=True with config.init_from={self.init_from!r}: "
+                         f"open_clip weights are in the unscanned layout; set scan_layers=False.")
       from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs())
+      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs()).clone(
+          **options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
         raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
                          f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
@@ -67,7 +79,7 @@ class ClipTask(base.Task):
                          f"{'sigmoid' if self.model.sigmoid else 'softmax'}.")
     else:
       self.model = clip_model.CLIP(**config.model.to_dict(),
-                                   sigmoid=config.loss == "sigmoid")
+                                   sigmoid=config.loss == "sigmoid", **options)
     self.max_text_len = self.model.max_text_len
     self.tokenizer = self._make_tokenizer(_field(config, "tokenizer", {}))
 
@@ -176,7 +188,8 @@ class ClipTask(base.Task):
     return self.model.init(rng, image, tokens)["params"], {}
 
   def loss(self, params, extras, batch, rng):
-    out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                           deterministic=False, rngs={"dropout": rng})
     img, txt = out["image_emb"], out["text_emb"]
     if self.config.loss == "softmax":
       temperature = 1.0 / out["logit_scale"]
