@@ -7,6 +7,8 @@ import pytest
 from mmjax.nn import attention
 from mmjax.nn import transformer
 
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 RNG = np.random.default_rng(0)
 
 
@@ -150,8 +152,8 @@ def test_attention_dropout_needs_an_rng_only_when_it_drops():
   params = mha.init(jax.random.PRNGKey(0), x)
   plain = attention.MultiHeadAttention(num_heads=2).apply(params, x)
   np.testing.assert_allclose(mha.apply(params, x), plain, rtol=1e-6)  # deterministic=True
-  drop = lambda seed: mha.apply(params, x, deterministic=False,
-                                rngs={"dropout": jax.random.PRNGKey(seed)})
+  drop = jax.jit(lambda seed: mha.apply(params, x, deterministic=False,
+                                        rngs={"dropout": jax.random.PRNGKey(seed)}))
   a, b = drop(1), drop(2)
   assert not np.allclose(a, plain) and not np.allclose(a, b)
   with pytest.raises(Exception, match="dropout"):

@@ -20,6 +20,8 @@ from mmjax.tasks import clip as clip_task
 from mmjax.train import guards
 from mmjax.train import sharding
 
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 KEY = jax.random.PRNGKey(0)
 BF16 = jnp.bfloat16
 
@@ -51,10 +53,11 @@ def _params(model, *inputs, method=None):
 MODELS = {
     "lenet5": lambda: (models.LeNet5(), (_images((28, 28, 1)),)),
     "small_cnn": lambda: (models.SmallCNN(), (_images((28, 28, 1)),)),
-    "clip": lambda: (models.CLIP("mu/14", text_width=32, text_depth=2, text_heads=2,
-                                 text_mlp_dim=64, embed_dim=16, image_dims=(32, 2, 64, 2)),
-                     (_images((28, 28, 1)), _tokens())),
-    "autoencoder": lambda: (models.AutoencoderKL(channels=8, channel_mult=(1, 2), groups=4),
+    "clip": lambda depth=1: (
+        models.CLIP("mu/14", text_width=32, text_depth=depth, text_heads=2, text_mlp_dim=64,
+                    embed_dim=16, image_dims=(32, depth, 64, 2)),
+        (_images((28, 28, 1)), _tokens())),
+    "autoencoder": lambda: (models.AutoencoderKL(channels=8, channel_mult=(1,), groups=4),
                             (_images((4, 4, 1)),)),
     "unet": lambda: (models.UNet(channels=8, channel_mult=(1,), num_res_blocks=0,
                                  attention_resolutions=(), groups=4, num_heads=2),
@@ -67,7 +70,12 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# The fast tier runs the cheapest models; the slow tier all of them.
+SLOW_TO_COMPILE = ("autoencoder", "imagebert", "unet", "vlm")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_COMPILE
+                                  else n for n in sorted(MODELS)])
 def test_bfloat16_forward_is_close_to_float32_with_float32_params_and_outputs(name):
   model, inputs = MODELS[name]()
   params = _params(model, *inputs)
@@ -109,8 +117,11 @@ def test_param_dtype_bfloat16_keeps_the_tree_and_clip_logit_scale_float32():
   assert others == {jnp.dtype(BF16)}
 
 
-def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
+def _assert_trees_close(a, b, rtol=1e-4):
+  """Within float32 rounding: rtol, or rtol/10 of the largest value in `b` (gradients
+  that are zero in exact arithmetic, as the key projection's bias's, are rounding)."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
+  atol = 0.1 * rtol * max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
@@ -139,7 +150,7 @@ def _shapes(tree):
 
 
 def test_remat_and_scanned_towers_change_no_loss_and_no_gradient():
-  model, inputs = MODELS["clip"]()  # A 2-block ViT and a 2-block text Transformer.
+  model, inputs = MODELS["clip"](depth=2)  # A 2-block ViT and a 2-block text Transformer.
   params = _params(model, *inputs)
   rematted = model.clone(remat="dots_with_no_batch_dims_saveable")
   scanned = model.clone(scan_layers=True)
@@ -248,15 +259,18 @@ def test_models_without_a_scanned_form_refuse_scan_layers():
 
 
 def test_a_run_saved_before_the_precision_fields_still_restarts(tmp_path):
-  config = configs.base_config()
+  from experiments import clip_mnist  # pylint: disable=import-outside-toplevel
+  config = clip_mnist.get_config()
   old = guards.as_json_dict(config)
-  for field in guards.ADDED_FIELDS:
+  for field in ("dtype", "param_dtype", "remat", "scan_layers"):
     del old[field]
+  del old["model"]["dropout_rate"]
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert guards.check_restart(config, str(tmp_path), step=5, write=False) == {}
   config.remat = "full"  # Safe to change: the same parameters and gradients.
   assert guards.check_restart(config, str(tmp_path), step=5, write=False) == {
       "remat": ("none", "full")}
-  config.dtype = "bfloat16"
-  with pytest.raises(guards.ConfigError, match=r"dtype: 'float32' -> 'bfloat16'"):
+  config.dtype, config.model.dropout_rate = "bfloat16", 0.1
+  with pytest.raises(guards.ConfigError, match=r"dtype: 'float32' -> 'bfloat16'; "
+                                               r"model.dropout_rate: 0.0 -> 0.1"):
     guards.check_restart(config, str(tmp_path), step=5, write=False)

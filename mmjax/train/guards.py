@@ -34,11 +34,11 @@ SAFE_TO_CHANGE = (
     "dataset.cache_decoded", "max_loss", "allow_schedule_change", "profile_steps",
     "peak_tflops_per_device", "remat",
 )
-# Fields added to base_config after runs were written: a config.json without one is
-# compared as if it held this value (and so is a config without one), so that those
-# runs still restart.
+# Fields (dotted names) added to configs after runs were written: a config.json
+# without one is compared as if it held this value (and so is a config without one),
+# so that those runs still restart.
 ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                "scan_layers": False}
+                "scan_layers": False, "model.dropout_rate": 0.0}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
