@@ -3,13 +3,13 @@ r"""CLIP train-step throughput, compile time, FLOPs, MFU and memory, as one JSON
   python benchmarks/clip_throughput.py                      # the CPU experiment's model
   python benchmarks/clip_throughput.py --shapes B/16 --batch 8 --steps 3 --repeats 2
   python benchmarks/clip_throughput.py --shapes B/16 --batch 256 --dtype bfloat16 \
-      --fsdp 8 --remat full --accum 2 --scan
+      --fsdp 8 --remat full --accum 2 --scan-layers
 
 Uses the CLIP task's loss and the trainer's jitted step (`trainer.create_train_state`,
 `trainer.jit_train_step`) on random inputs of the chosen shapes: `mnist` is the
 experiment's config (28x28x1 images, its ViT and text tower); `B/16` and `L/14` are
 CLIP ViT-B/16's and ViT-L/14's (224x224x3 images, the ViT, a 12-layer text Transformer
-over 77 tokens, 512 / 768 wide). `--dtype`, `--remat`, `--scan` and `--accum` set
+over 77 tokens, 512 / 768 wide). `--dtype`, `--remat`, `--scan-layers` and `--accum` set
 config.dtype, config.remat, config.scan_layers and config.grad_accum_steps; `--fsdp N`
 is config.mesh.fsdp over all devices. "bytes_per_device" is XLA's memory analysis of
 the compiled step (arguments + outputs + temporaries - donated aliases); "mfu" needs
@@ -42,9 +42,9 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
-  parser.add_argument("--scan", action="store_true", help="config.scan_layers=True")
+  parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
   parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
   parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
   parser.add_argument("--peak-tflops", type=float, default=None,
@@ -60,7 +60,7 @@ def main():
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
   config.global_batch_size = args.batch
-  config.dtype, config.remat, config.scan_layers = args.dtype, args.remat, args.scan
+  config.dtype, config.remat, config.scan_layers = args.dtype, args.remat, args.scan_layers
   config.grad_accum_steps = args.accum
   config.mesh.fsdp = args.fsdp
   config.peak_tflops_per_device = args.peak_tflops
@@ -96,7 +96,7 @@ def main():
   rates = throughput.rates(pairs / args.batch, args.batch, flops, throughput.peak_tflops(config))
   row = {
       "shapes": args.shapes, "batch": args.batch, "loss": args.loss, "dtype": args.dtype,
-      "remat": args.remat, "scan_layers": args.scan, "accum": args.accum, "fsdp": args.fsdp,
+      "remat": args.remat, "scan_layers": args.scan_layers, "accum": args.accum, "fsdp": args.fsdp,
       "devices": jax.device_count(), "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "params": int(n_params),
       "pairs_per_sec": round(pairs, 2), "step_ms": round(1000 * args.batch / pairs, 1),

@@ -2,6 +2,7 @@ r"""Training throughput of the trainer's real jitted step, as one JSON line.
 
   python benchmarks/train_throughput.py --model lenet5 --batch 128
   python benchmarks/train_throughput.py --model small_cnn_flax --batch 128
+  python benchmarks/train_throughput.py --model lenet5 --batch 128 --dtype bfloat16
 
 Builds the MNIST experiment's task, state and train step exactly as launch.py does
 (`trainer.create_train_state`, `trainer.jit_train_step`), compiles once, warms up,
@@ -18,6 +19,8 @@ Two FLOP counts per image: `flops_per_image`, XLA's cost analysis of the compile
 pieces of the batch only once), and `model_flops_per_image`, the same analysis of the
 plain-Flax twin's step (XLA's convolution: the model's own multiply-adds), on which
 `achieved_gflops` is based.
+
+`--dtype` sets config.dtype (the computation dtype; parameters stay float32).
 """
 import argparse
 import json
@@ -57,6 +60,7 @@ def main():
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=20)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   args = parser.parse_args()
 
   import jax
@@ -69,6 +73,7 @@ def main():
   base_model, plain_model = plain_flax.MODELS.get(args.model, (args.model, None))
   config = mnist_lenet.get_config(f"model={base_model}")
   config.global_batch_size = args.batch
+  config.dtype = args.dtype
   mesh = sharding.make_mesh()
   task = tasks.get_task(config, mesh)
   task.setup()
@@ -106,7 +111,8 @@ def main():
   # machine load, slower than a repeat, cancel out of the ratio.
   pipeline_ratio = statistics.median(e / s for s, e in zip(step_only, end_to_end))
   print(json.dumps({
-      "model": args.model, "batch": args.batch, "devices": jax.device_count(),
+      "model": args.model, "batch": args.batch, "dtype": args.dtype,
+      "devices": jax.device_count(),
       "backend": jax.default_backend(),
       "images_per_sec": round(ips, 1),
       "pipeline_images_per_sec": round(statistics.median(end_to_end), 1),

@@ -44,7 +44,8 @@ def get_config(arg=None):
   c.image.min_crop = 0.8
 
   c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=2,
-                 text_heads=4, text_mlp_dim=256, max_text_len=64, embed_dim=64)
+                 text_heads=4, text_mlp_dim=256, max_text_len=64, embed_dim=64,
+                 dropout_rate=0.0)
   c.global_batch_size = 128
   c.eval_batch_size = 256
   c.num_train_steps = 1500
@@ -62,5 +63,6 @@ def get_config(arg=None):
     configs.apply_smoke(c, steps=4, batch=16, eval_batch=16)
     c.dataset.eval_split = "validation"
     c.model = dict(image_variant="mu/4", image_pool="gap", text_width=32, text_depth=1,
-                   text_heads=2, text_mlp_dim=64, max_text_len=48, embed_dim=32)
+                   text_heads=2, text_mlp_dim=64, max_text_len=48, embed_dim=32,
+                   dropout_rate=0.0)
   return c

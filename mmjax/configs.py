@@ -55,6 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.fsdp_min_size = 2 ** 16
   c.grad_accum_steps = 1
+  # Precision and memory (mmjax/nn/precision.py): the models' computation dtype and
+  # parameter dtype ("float32", "bfloat16" or "float16"; softmax, norm statistics,
+  # logits and losses stay float32); remat: "none", "full" or a jax.checkpoint_policies
+  # name (e.g. "dots_with_no_batch_dims_saveable"), recomputing each Transformer / U-Net
+  # block in the backward pass; scan_layers: one scanned block per ViT / text encoder
+  # (clip and ldm tasks; another parameter layout).
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  c.remat = "none"
+  c.scan_layers = False
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "mnist"

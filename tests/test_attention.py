@@ -2,9 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mmjax.nn import attention
 from mmjax.nn import transformer
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 RNG = np.random.default_rng(0)
 
@@ -81,3 +84,77 @@ def test_decoder_block_uses_the_context():
   a = block.apply(params, x, ctx, attention.causal_mask(4))
   b = block.apply(params, x, ctx * 2.0, attention.causal_mask(4))
   assert a.shape == (1, 4, 8) and not np.allclose(a, b)
+
+
+def old_attention(query, key, value, mask=None):
+  """mmjax's attention before it called jax.nn.dot_product_attention (the reference)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(query.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    weights = weights * jnp.any(mask, axis=-1, keepdims=True)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def _cases():
+  """(name, q_len, kv_len, mask, is_causal): the masks the models use."""
+  pad = attention.padding_mask(np.array([[1, 1, 1, 1, 0]] * 2, bool),
+                               np.array([[1, 1, 1, 0, 0, 0, 0]] * 2, bool))
+  key_pad = np.array([[1, 1, 0, 1, 1], [0, 0, 0, 0, 0]], bool)[:, None, None, :]
+  cache = np.arange(7)[None, None, None, :] <= np.array([[3], [5]])[:, None, None]  # [b,1,1,kv]
+  return [("self", 5, 5, None, False), ("cross", 5, 7, None, False),
+          ("padding, a fully masked row", 5, 7, pad, False),
+          ("key padding, a fully masked batch row", 3, 5, key_pad, False),
+          ("causal mask", 6, 6, attention.causal_mask(6), False),
+          ("is_causal", 6, 6, None, True),
+          ("is_causal, kv_len > q_len", 2, 6, None, True),
+          ("is_causal and key padding", 5, 5, key_pad, True),
+          ("key/value cache", 1, 7, cache, False)]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+def test_jax_attention_equals_the_previous_implementation(case):
+  _, q_len, kv_len, mask, is_causal = case
+  want_mask = mask
+  if is_causal:
+    causal = np.asarray(attention.causal_mask(q_len, kv_len))
+    want_mask = causal if mask is None else np.asarray(mask) & causal
+  ours = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, is_causal=is_causal)
+  theirs = lambda q, k, v: old_attention(q, k, v, want_mask)
+
+  @jax.jit
+  def outputs_and_grads(q, k, v):
+    return [jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+            + (f(q, k, v),) for f in (ours, theirs)]
+
+  (_, grads, out), (_, want_grads, want) = outputs_and_grads(*_qkv(q_len=q_len, kv_len=kv_len))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(out))
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_attention_softmax_is_float32():
+  q, k, v = _qkv(q_len=6, kv_len=6)
+  mask = attention.causal_mask(6)
+  bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  out = attention.dot_product_attention(*bf, mask)
+  assert out.dtype == jnp.bfloat16
+  # The reference from the same bfloat16-rounded inputs, all in float32.
+  want = old_attention(*[x.astype(jnp.float32) for x in bf], mask)
+  np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-2, rtol=2e-2)
+
+
+def test_attention_dropout_needs_an_rng_only_when_it_drops():
+  mha = attention.MultiHeadAttention(num_heads=2, dropout_rate=0.5)
+  x = jnp.asarray(RNG.normal(size=(2, 5, 8)), jnp.float32)
+  params = mha.init(jax.random.PRNGKey(0), x)
+  plain = attention.MultiHeadAttention(num_heads=2).apply(params, x)
+  np.testing.assert_allclose(mha.apply(params, x), plain, rtol=1e-6)  # deterministic=True
+  drop = jax.jit(lambda seed: mha.apply(params, x, deterministic=False,
+                                        rngs={"dropout": jax.random.PRNGKey(seed)}))
+  a, b = drop(1), drop(2)
+  assert not np.allclose(a, plain) and not np.allclose(a, b)
+  with pytest.raises(Exception, match="dropout"):
+    mha.apply(params, x, deterministic=False)

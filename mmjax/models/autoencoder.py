@@ -8,8 +8,14 @@ clamped to [-30, 20].
 `KL_F8` configures it as Stable Diffusion's KL-f8 autoencoder (diffusers'
 `AutoencoderKL`: 3-channel images in [-1, 1] to latents 8x smaller with 4 channels);
 mmjax.interop.diffusers loads its weights.
+
+Every module takes `dtype` (computation) and `param_dtype` (parameters), float32 by
+default (see mmjax.nn.precision); GroupNorm statistics are float32, and what
+`AutoencoderKL` returns (moments, reconstructions) is float32. `remat` recomputes each
+ResnetBlock and the middle attention in the backward pass.
 """
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.nn import attention
+from mmjax.nn import precision
 
 LOGVAR_RANGE = (-30.0, 20.0)
 # diffusers' layout: self-attention between two ResnetBlocks in the middle, 1x1 convs
@@ -36,35 +43,42 @@ class ResnetBlock(nn.Module):
   """
   features: int
   groups: int = 8
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), name="conv1")(
-        nn.swish(nn.GroupNorm(self.groups, name="norm1")(x)))
-    h = nn.Conv(self.features, (3, 3), name="conv2")(
-        nn.swish(nn.GroupNorm(self.groups, name="norm2")(h)))
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = lambda kernel, name: nn.Conv(self.features, kernel, name=name, **types)
+    norm = lambda name: nn.GroupNorm(self.groups, name=name, **types)
+    h = conv((3, 3), "conv1")(nn.swish(norm("norm1")(x)))
+    h = conv((3, 3), "conv2")(nn.swish(norm("norm2")(h)))
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), name="shortcut")(x)
+      x = conv((1, 1), "shortcut")(x)
     return x + h
 
 
 class SpatialSelfAttention(nn.Module):
   """x + Attention(GroupNorm(x)) over the h·w positions, one head. [b, h, w, c] -> same."""
   groups: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.groups, name="norm")(x).reshape(b, h * w, c)
-    return x + attention.MultiHeadAttention(1, name="attention")(y).reshape(b, h, w, c)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.GroupNorm(self.groups, name="norm", **types)(x).reshape(b, h * w, c)
+    return x + attention.MultiHeadAttention(1, name="attention", **types)(y).reshape(b, h, w, c)
 
 
-def _middle(h: jax.Array, groups: int, with_attention: bool) -> jax.Array:
+def _middle(h: jax.Array, groups: int, with_attention: bool, remat: str, types: dict):
   """The middle: a ResnetBlock ("mid_block"), or ResnetBlock, attention, ResnetBlock."""
-  h = ResnetBlock(h.shape[-1], groups, name="mid_block")(h)
+  block = precision.remat(ResnetBlock, remat)
+  h = block(h.shape[-1], groups, name="mid_block", **types)(h)
   if with_attention:
-    h = SpatialSelfAttention(groups, name="mid_attention")(h)
-    h = ResnetBlock(h.shape[-1], groups, name="mid_block2")(h)
+    h = precision.remat(SpatialSelfAttention, remat)(groups, name="mid_attention", **types)(h)
+    h = block(h.shape[-1], groups, name="mid_block2", **types)(h)
   return h
 
 
@@ -82,22 +96,27 @@ class Encoder(nn.Module):
   mid_attention: bool = False
   quant_conv: bool = False
   downsample_padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array):
-    h = nn.Conv(self.channels, (3, 3), name="conv_in")(x)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = precision.remat(ResnetBlock, self.remat)
+    h = nn.Conv(self.channels, (3, 3), name="conv_in", **types)(x)
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = ResnetBlock(self.channels * mult, self.groups, name=f"down{level}_block{i}")(h)
+        h = block(self.channels * mult, self.groups, name=f"down{level}_block{i}", **types)(h)
       if level < len(self.channel_mult) - 1:
         h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=self.downsample_padding,
-                    name=f"down{level}_downsample")(h)
-    h = _middle(h, self.groups, self.mid_attention)
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
-    moments = nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
+                    name=f"down{level}_downsample", **types)(h)
+    h = _middle(h, self.groups, self.mid_attention, self.remat, types)
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out", **types)(h))
+    moments = nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out", **types)(h)
     if self.quant_conv:
-      moments = nn.Conv(2 * self.latent_channels, (1, 1), name="quant_conv")(moments)
-    mean, logvar = jnp.split(moments, 2, axis=-1)
+      moments = nn.Conv(2 * self.latent_channels, (1, 1), name="quant_conv", **types)(moments)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
 
@@ -114,22 +133,27 @@ class Decoder(nn.Module):
   mid_attention: bool = False
   post_quant_conv: bool = False
   extra_block: bool = False
+  remat: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = precision.remat(ResnetBlock, self.remat)
     if self.post_quant_conv:
-      z = nn.Conv(z.shape[-1], (1, 1), name="post_quant_conv")(z)
-    h = nn.Conv(self.channels * self.channel_mult[-1], (3, 3), name="conv_in")(z)
-    h = _middle(h, self.groups, self.mid_attention)
+      z = nn.Conv(z.shape[-1], (1, 1), name="post_quant_conv", **types)(z)
+    h = nn.Conv(self.channels * self.channel_mult[-1], (3, 3), name="conv_in", **types)(z)
+    h = _middle(h, self.groups, self.mid_attention, self.remat, types)
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + int(self.extra_block)):
-        h = ResnetBlock(self.channels * self.channel_mult[level], self.groups,
-                        name=f"up{level}_block{i}")(h)
+        h = block(self.channels * self.channel_mult[level], self.groups,
+                  name=f"up{level}_block{i}", **types)(h)
       if level > 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
-        h = nn.Conv(h.shape[-1], (3, 3), name=f"up{level}_upsample")(h)
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
-    return nn.Conv(self.out_channels, (3, 3), name="conv_out")(h)
+        h = nn.Conv(h.shape[-1], (3, 3), name=f"up{level}_upsample", **types)(h)
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out", **types)(h))
+    return nn.Conv(self.out_channels, (3, 3), name="conv_out", **types)(h).astype(jnp.float32)
 
 
 class AutoencoderKL(nn.Module):
@@ -143,6 +167,7 @@ class AutoencoderKL(nn.Module):
   with H, W divisible by 8, latents [b, H/8, W/8, 4] (multiplied by diffusers'
   `scaling_factor`, 0.18215 for SD 1.x/2.x, before diffusion). The options after `pad`
   are diffusers' layout (DIFFUSERS_LAYOUT) and add parameters only when set.
+  `dtype`, `param_dtype` and `remat`: see the module docstring.
   """
   channels: int = 32
   channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -155,14 +180,18 @@ class AutoencoderKL(nn.Module):
   quant_convs: bool = False  # 1x1 convs on the moments ("quant_conv") and latents.
   decoder_extra_block: bool = False  # num_res_blocks + 1 ResnetBlocks per decoder level.
   downsample_padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   def setup(self):
+    options = dict(remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(self.channels, self.channel_mult, self.num_res_blocks,
                            self.latent_channels, self.groups, self.mid_attention,
-                           self.quant_convs, self.downsample_padding)
+                           self.quant_convs, self.downsample_padding, **options)
     self.decoder = Decoder(self.channels, self.channel_mult, self.num_res_blocks,
                            self.out_channels, self.groups, self.mid_attention,
-                           self.quant_convs, self.decoder_extra_block)
+                           self.quant_convs, self.decoder_extra_block, **options)
 
   def encode(self, images: jax.Array):
     """[batch, H, W, c] -> (mean, logvar), each [batch, h, w, latent_channels]."""

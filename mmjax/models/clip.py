@@ -1,5 +1,6 @@
 """CLIP: an image tower and a text tower projected to one L2-normalised space."""
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,13 @@ class CLIP(nn.Module):
   "-quickgelu" models) or "gelu_exact" (open_clip's others). `image_dims` sizes the image
   tower freely; mmjax.interop.open_clip sets all of these from a checkpoint. The defaults
   keep mmjax's own layout and parameters.
+
+  `dtype` (computation) and `param_dtype` (parameters) go to both towers and the
+  projections (see mmjax.nn.precision); the embeddings are projected, cast to float32
+  and normalised in float32, and `logit_scale` / `logit_bias` are float32 parameters
+  whatever `param_dtype` is, so the contrastive logits and losses are float32.
+  `dropout_rate`, `remat` and `scan_layers` go to both towers (see vit.ViT); call with
+  `deterministic=False` and the "dropout" rng to train with dropout.
   """
   image_variant: str = "mu/4"
   image_pool: str = "tok"
@@ -40,33 +48,44 @@ class CLIP(nn.Module):
   text_vocab_size: int = tokenizer.VOCAB_SIZE
   openai_layout: bool = False
   activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
+  dropout_rate: float = 0.0
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  scan_layers: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   def setup(self):
     openai = self.openai_layout
     eps = 1e-5 if openai else 1e-6
+    shared = dict(activation=self.activation, layernorm_epsilon=eps,
+                  dropout_rate=self.dropout_rate, remat=self.remat,
+                  scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
     self.image_tower = ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
                            class_token=True if openai else None, patch_bias=not openai,
-                           class_pos_embedding=openai, ln_pre=openai,
-                           activation=self.activation, layernorm_epsilon=eps)
+                           class_pos_embedding=openai, ln_pre=openai, **shared)
     self.text_tower = TextTransformer(self.text_width, self.text_depth, self.text_heads,
                                       self.text_mlp_dim, vocab_size=self.text_vocab_size,
                                       max_len=self.max_text_len,
-                                      pool="argmax" if openai else "eos",
-                                      activation=self.activation, layernorm_epsilon=eps)
-    self.image_proj = nn.Dense(self.embed_dim, use_bias=False)
-    self.text_proj = nn.Dense(self.embed_dim, use_bias=False)
+                                      pool="argmax" if openai else "eos", **shared)
+    proj = lambda: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
+    self.image_proj, self.text_proj = proj(), proj()
     init = math.log(10.0) if self.sigmoid else math.log(1 / 0.07)
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(init), ())
+    scalar = lambda name, value: self.param(name, nn.initializers.constant(value), (),
+                                            jnp.float32)
+    self.logit_scale = scalar("logit_scale", init)
     if self.sigmoid:
-      self.logit_bias = self.param("logit_bias", nn.initializers.constant(-10.0), ())
+      self.logit_bias = scalar("logit_bias", -10.0)
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
-    """[b, h, w, c] -> [b, embed_dim], unit norm."""
-    return losses.l2_normalise(self.image_proj(self.image_tower(images)))
+  def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    """[b, h, w, c] -> float32 [b, embed_dim], unit norm."""
+    x = self.image_proj(self.image_tower(images, deterministic))
+    return losses.l2_normalise(x.astype(jnp.float32))
 
-  def encode_text(self, tokens: jax.Array) -> jax.Array:
-    """[b, len] -> [b, embed_dim], unit norm."""
-    return losses.l2_normalise(self.text_proj(self.text_tower(tokens)))
+  def encode_text(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    """[b, len] -> float32 [b, embed_dim], unit norm."""
+    x = self.text_proj(self.text_tower(tokens, deterministic=deterministic))
+    return losses.l2_normalise(x.astype(jnp.float32))
 
   def scales(self) -> dict[str, jax.Array]:
     """{"logit_scale": exp(logit_scale) clamped at 100, and "logit_bias" with sigmoid}."""
@@ -75,9 +94,10 @@ class CLIP(nn.Module):
       out["logit_bias"] = self.logit_bias
     return out
 
-  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    return {"image_emb": self.encode_image(images), "text_emb": self.encode_text(tokens),
-            **self.scales()}
+  def __call__(self, images: jax.Array, tokens: jax.Array,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    return {"image_emb": self.encode_image(images, deterministic),
+            "text_emb": self.encode_text(tokens, deterministic), **self.scales()}
 
 
 def weight_decay_mask(params):

@@ -17,7 +17,13 @@ Two heads:
   this image?";
 - masked language modelling (MLM): the text tokens replaced by [MASK] predicted back
   from the rest of the text *and* the image.
+
+`dtype` (computation) and `param_dtype` (parameters) go to every layer (see
+mmjax.nn.precision); both heads' logits are float32. `remat` recomputes each
+Transformer block (the encoder's and the ViT's) in the backward pass.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ VOCAB_SIZE = tokenizer.VOCAB_SIZE + 1
 
 
 class ImageBERT(nn.Module):
-  """images [b, H, W, C], tokens [b, T] -> {"itm_logit": [b], "mlm_logits": [b, T, vocab]}.
+  """images [b, H, W, C], tokens [b, T] -> float32 {"itm_logit": [b], "mlm_logits": [b, T, vocab]}.
 
   PAD tokens are never attended to; `image_valid` [b, image tokens] (default: all) masks
   image tokens the same way. max_len bounds 2 + num_image_tokens + T.
@@ -48,6 +54,13 @@ class ImageBERT(nn.Module):
   mlp_dim: int = 512
   max_len: int = 128
   vocab_size: int = VOCAB_SIZE
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def _types(self) -> dict:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
   def num_image_tokens(self, height: int, width: int) -> int:
     """How many image tokens a height x width image becomes."""
@@ -59,15 +72,17 @@ class ImageBERT(nn.Module):
     """[b, H, W, C] -> [b, num_image_tokens, width]."""
     if self.vision_variant is not None:
       b, s = images.shape[0], self.image_split
-      pooled = vit.ViT(self.vision_variant, pool=self.vision_pool, name="vision")(
+      pooled = vit.ViT(self.vision_variant, pool=self.vision_pool, remat=self.remat,
+                       name="vision", **self._types)(
           vlm.split_image(images, s))  # [b·s², vision width]: one token per cell.
-      return nn.Dense(self.width, name="region_projection")(pooled.reshape(b, s * s, -1))
+      return nn.Dense(self.width, name="region_projection", **self._types)(
+          pooled.reshape(b, s * s, -1))
     p = self.patch
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"ImageBERT expects images [batch, height, width, channels] with "
                        f"height and width divisible by patch={p}; got {list(images.shape)}.")
     image = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                    name="patch_embedding")(images)
+                    name="patch_embedding", **self._types)(images)
     return image.reshape(image.shape[0], -1, self.width)  # [b, patches, width]
 
   @nn.compact
@@ -76,16 +91,19 @@ class ImageBERT(nn.Module):
     image = self.image_tokens(images)
     if image_valid is None:
       image_valid = jnp.ones(image.shape[:2], bool)
+    types = self._types
     embed = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                     name="token_embedding")
+                     name="token_embedding", **types)
     text_valid = tokens != tokenizer.PAD
-    x, valid = fusion.SingleStreamEmbedding(self.max_len, name="input")(
+    x, valid = fusion.SingleStreamEmbedding(self.max_len, name="input", **types)(
         image, image_valid, embed(tokens), text_valid)
-    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, name="encoder")(
-        x, fusion.key_padding_mask(valid))
+    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
+                            name="encoder", **types)(x, fusion.key_padding_mask(valid))
 
-    itm_logit = nn.Dense(1, name="itm_head")(jnp.tanh(nn.Dense(self.width, name="pooler")(x[:, 0])))
+    dense = lambda n, name: nn.Dense(n, name=name, **types)
+    itm_logit = dense(1, "itm_head")(jnp.tanh(dense(self.width, "pooler")(x[:, 0])))
     text = x[:, 2 + image.shape[1]:]
-    h = nn.LayerNorm(name="mlm_ln")(nn.gelu(nn.Dense(self.width, name="mlm_dense")(text)))
-    bias = self.param("mlm_bias", nn.initializers.zeros, (self.vocab_size,))
-    return {"itm_logit": itm_logit[:, 0], "mlm_logits": embed.attend(h) + bias}
+    h = nn.LayerNorm(name="mlm_ln", **types)(nn.gelu(dense(self.width, "mlm_dense")(text)))
+    bias = self.param("mlm_bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+    mlm_logits = embed.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)
+    return {"itm_logit": itm_logit[:, 0].astype(jnp.float32), "mlm_logits": mlm_logits}

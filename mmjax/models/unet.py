@@ -7,13 +7,20 @@ positions, cross-attention from those positions (queries) to the text context
 transformer blocks, the second convolution of each residual branch and the output
 convolution are zero-initialised, so at init every block is the identity and the
 output is zero.
+
+Every module takes `dtype` (computation) and `param_dtype` (parameters), float32 by
+default (see mmjax.nn.precision); the timestep embedding, GroupNorm/LayerNorm statistics,
+the attention softmax and the U-Net's output (the predicted noise) are float32. `remat`
+recomputes each ResBlock and SpatialTransformer in the backward pass.
 """
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.nn import precision
 from mmjax.nn.attention import MultiHeadAttention
 
 zeros = nn.initializers.zeros
@@ -39,28 +46,34 @@ class ResBlock(nn.Module):
   """
   features: int
   groups: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    h = nn.Conv(self.features, (3, 3), name="conv1")(
-        nn.swish(nn.GroupNorm(self.groups, name="norm1")(x)))
-    h = h + nn.Dense(self.features, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm2")(h))
-    h = nn.Conv(self.features, (3, 3), kernel_init=zeros, name="conv2")(h)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: nn.GroupNorm(self.groups, name=name, **types)
+    h = nn.Conv(self.features, (3, 3), name="conv1", **types)(nn.swish(norm("norm1")(x)))
+    temb = nn.Dense(self.features, name="temb_proj", **types)(nn.swish(temb))
+    h = nn.swish(norm("norm2")(h + temb[:, None, None, :]))
+    h = nn.Conv(self.features, (3, 3), kernel_init=zeros, name="conv2", **types)(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), name="shortcut")(x)
+      x = nn.Conv(self.features, (1, 1), name="shortcut", **types)(x)
     return x + h
 
 
 class GEGLU(nn.Module):
   """Feed-forward [..., width] -> [..., width]: Dense(a·gelu(g)) with [a, g] = Dense(x)."""
   mult: int = 4
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    a, gate = jnp.split(nn.Dense(2 * self.mult * width, name="fc1")(x), 2, axis=-1)
-    return nn.Dense(width, name="fc2")(a * nn.gelu(gate))
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    a, gate = jnp.split(nn.Dense(2 * self.mult * width, name="fc1", **types)(x), 2, axis=-1)
+    return nn.Dense(width, name="fc2", **types)(a * nn.gelu(gate))
 
 
 class TransformerBlock(nn.Module):
@@ -69,13 +82,17 @@ class TransformerBlock(nn.Module):
   x [batch, len, width], context [batch, tokens, ctx_width] -> [batch, len, width].
   """
   num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    x = x + MultiHeadAttention(self.num_heads, name="self_attention")(nn.LayerNorm(name="ln1")(x))
-    x = x + MultiHeadAttention(self.num_heads, name="cross_attention")(
-        nn.LayerNorm(name="ln2")(x), context)
-    return x + GEGLU(name="ff")(nn.LayerNorm(name="ln3")(x))
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attend = lambda name: MultiHeadAttention(self.num_heads, name=name, **types)
+    norm = lambda name: nn.LayerNorm(name=name, **types)
+    x = x + attend("self_attention")(norm("ln1")(x))
+    x = x + attend("cross_attention")(norm("ln2")(x), context)
+    return x + GEGLU(name="ff", **types)(norm("ln3")(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -86,15 +103,18 @@ class SpatialTransformer(nn.Module):
   num_heads: int
   groups: int
   depth: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = nn.Dense(c, name="proj_in")(nn.GroupNorm(self.groups, name="norm")(x))
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.Dense(c, name="proj_in", **types)(nn.GroupNorm(self.groups, name="norm", **types)(x))
     h = h.reshape(b, height * width, c)
     for i in range(self.depth):
-      h = TransformerBlock(self.num_heads, name=f"block{i}")(h, context)
-    h = nn.Dense(c, kernel_init=zeros, name="proj_out")(h)
+      h = TransformerBlock(self.num_heads, name=f"block{i}", **types)(h, context)
+    h = nn.Dense(c, kernel_init=zeros, name="proj_out", **types)(h)
     return x + h.reshape(b, height, width, c)
 
 
@@ -105,6 +125,8 @@ class UNet(nn.Module):
   h and w must be divisible by 2^(len(channel_mult) − 1). attention_resolutions are
   downsampling factors (1: input resolution, 2: half, ...) at which each residual block
   is followed by a spatial transformer; the middle block always has one.
+
+  Returns float32 whatever `dtype` is; `remat`: see the module docstring.
   """
   channels: int = 32
   channel_mult: tuple[int, ...] = (1, 2)
@@ -115,49 +137,56 @@ class UNet(nn.Module):
   context_dim: int | None = None  # If set, the context's width is checked against it.
   transformer_depth: int = 1
   out_channels: int | None = None  # Default: the input's channels.
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
     self._check_inputs(x, t, context)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = lambda features, name, **kw: nn.Conv(features, (3, 3), name=name, **kw, **types)
     temb = timestep_embedding(t, self.channels)
-    temb = nn.Dense(4 * self.channels, name="time_mlp1")(temb)
-    temb = nn.Dense(4 * self.channels, name="time_mlp2")(nn.swish(temb))
-    attention = lambda name: SpatialTransformer(self.num_heads, self.groups,
-                                                self.transformer_depth, name=name)
+    temb = nn.Dense(4 * self.channels, name="time_mlp1", **types)(temb)
+    temb = nn.Dense(4 * self.channels, name="time_mlp2", **types)(nn.swish(temb))
+    res_cls = precision.remat(ResBlock, self.remat)
+    attn_cls = precision.remat(SpatialTransformer, self.remat)
+    res = lambda features, name: res_cls(features, self.groups, name=name, **types)
+    attention = lambda name: attn_cls(self.num_heads, self.groups, self.transformer_depth,
+                                      name=name, **types)
 
-    h = nn.Conv(self.channels, (3, 3), name="conv_in")(x)
+    h = conv(self.channels, "conv_in")(x)
     skips, factor = [h], 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.channels * mult, self.groups, name=f"down{level}_res{i}")(h, temb)
+        h = res(self.channels * mult, f"down{level}_res{i}")(h, temb)
         if factor in self.attention_resolutions:
           h = attention(f"down{level}_attn{i}")(h, context)
         skips.append(h)
       if level < len(self.channel_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    name=f"down{level}_downsample")(h)
+        h = conv(h.shape[-1], f"down{level}_downsample", strides=(2, 2),
+                 padding=((1, 1), (1, 1)))(h)
         skips.append(h)
         factor *= 2
 
-    h = ResBlock(h.shape[-1], self.groups, name="mid_res1")(h, temb)
+    h = res(h.shape[-1], "mid_res1")(h, temb)
     h = attention("mid_attn")(h, context)
-    h = ResBlock(h.shape[-1], self.groups, name="mid_res2")(h, temb)
+    h = res(h.shape[-1], "mid_res2")(h, temb)
 
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.channels * self.channel_mult[level], self.groups,
-                     name=f"up{level}_res{i}")(h, temb)
+        h = res(self.channels * self.channel_mult[level], f"up{level}_res{i}")(h, temb)
         if factor in self.attention_resolutions:
           h = attention(f"up{level}_attn{i}")(h, context)
       if level > 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
-        h = nn.Conv(h.shape[-1], (3, 3), name=f"up{level}_upsample")(h)
+        h = conv(h.shape[-1], f"up{level}_upsample")(h)
         factor //= 2
 
-    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out")(h))
-    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=zeros,
-                   name="conv_out")(h)
+    h = nn.swish(nn.GroupNorm(self.groups, name="norm_out", **types)(h))
+    out = conv(self.out_channels or x.shape[-1], "conv_out", kernel_init=zeros)(h)
+    return out.astype(jnp.float32)
 
   def _check_inputs(self, x, t, context):
     f = 2 ** (len(self.channel_mult) - 1)

@@ -1,4 +1,6 @@
 """Vision Transformer image encoder, sized by a variant string such as "B/16"."""
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,14 @@ class ViT(nn.Module):
   `activation="quick_gelu"` (OpenAI's weights) or "gelu_exact"; the encoder's final
   LayerNorm is its `ln_post`. `ln_pre` adds the parameters "ln_pre"; the defaults keep
   mmjax's own layout.
+
+  Precision and memory (see mmjax.nn.precision and transformer.Encoder): the ViT
+  computes in `dtype` with parameters in `param_dtype` and returns float32;
+  `dropout_rate` drops attention weights and residual branches when called with
+  `deterministic=False` (the "dropout" rng); `remat` recomputes each block in the
+  backward pass; `scan_layers=True` scans one stacked block (the parameters are then
+  "encoder/blocks/..." with a leading [depth] axis, a layout that does not load into
+  the unscanned model, nor an open_clip file into it).
   """
   variant: str = "mu/4"
   pool: str = "tok"  # "tok": the class token; "gap": mean over patch tokens; "none".
@@ -57,9 +67,14 @@ class ViT(nn.Module):
   ln_pre: bool = False  # A LayerNorm on the embedded tokens before the encoder.
   activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
   layernorm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  scan_layers: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     v = parse_variant(self.variant, self.dims)
     p = v["patch"]
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
@@ -72,24 +87,29 @@ class ViT(nn.Module):
       raise ValueError("ViT: pool='tok' needs class_token=True.")
     if self.class_pos_embedding and not class_token:
       raise ValueError("ViT: class_pos_embedding=True needs class_token=True.")
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    param = lambda name, init, shape: self.param(name, init, shape, self.param_dtype).astype(
+        self.dtype)
     x = nn.Conv(v["width"], (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
-                name="embedding")(images)
+                name="embedding", **types)(images)
     x = x.reshape(x.shape[0], -1, v["width"])  # [batch, patches, width]
     pos_shape = (1, x.shape[1] + int(self.class_pos_embedding), v["width"])
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), pos_shape)
+    pos = param("pos_embedding", nn.initializers.normal(0.02), pos_shape)
     if not self.class_pos_embedding:
       x = x + pos
     if class_token:
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, v["width"]))
+      cls = param("cls", nn.initializers.zeros, (1, 1, v["width"]))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, v["width"])), x], axis=1)
     if self.class_pos_embedding:
       x = x + pos
     if self.ln_pre:
-      x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln_pre")(x)
+      x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln_pre", **types)(x)
     x = transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], self.activation,
-                            self.layernorm_epsilon, name="encoder")(x)
+                            self.layernorm_epsilon, self.dropout_rate, remat=self.remat,
+                            scan_layers=self.scan_layers, name="encoder", **types)(
+        x, deterministic=deterministic)
     if self.pool == "tok":
-      return x[:, 0]
-    if self.pool == "gap":
-      return x[:, int(class_token):].mean(axis=1)
-    return x
+      x = x[:, 0]
+    elif self.pool == "gap":
+      x = x[:, int(class_token):].mean(axis=1, dtype=jnp.float32)
+    return x.astype(jnp.float32)

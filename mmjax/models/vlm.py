@@ -20,7 +20,14 @@ left padding does not shift them.
 
 `greedy_generate` decodes with a key/value cache inside one `lax.while_loop`
 (`use_cache=False`: the whole sequence re-run at every step; the same tokens, slower).
+
+`dtype` (computation, also the key/value cache's by default) and `param_dtype`
+(parameters) go to every layer (see mmjax.nn.precision); the logits are float32.
+`remat` recomputes the ViT's and the decoder's blocks in the backward pass. There is
+no scanned form: the decoder's blocks each keep their own cache.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 from mmjax.data import tokenizer
 from mmjax.models import vit
 from mmjax.nn import fusion
+from mmjax.nn import precision
 from mmjax.nn import transformer
 
 Cache = list[dict[str, jax.Array]]  # Per layer {"k", "v"}: [batch, max_len, heads, head_dim].
@@ -69,7 +77,7 @@ class VisionLanguageModel(nn.Module):
 
   The image becomes `num_image_tokens` tokens in front of the text (`num_latents`, or
   `num_latents` per sub-image with `image_split`; see the module docstring). `max_len`
-  bounds num_image_tokens + T.
+  bounds num_image_tokens + T. The logits are float32 whatever `dtype` is.
   """
   vision_variant: str = "mu/7"
   vision_pool: str = "tok"
@@ -82,26 +90,32 @@ class VisionLanguageModel(nn.Module):
   mlp_dim: int = 512
   max_len: int = 128
   vocab_size: int = tokenizer.VOCAB_SIZE
+  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   def setup(self):
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Every token of the ViT; with vision_pool="tok" the class token too. The
     # parameters are vit.ViT(vision_variant, vision_pool)'s, so a CLIP tower loads.
     self.vision = vit.ViT(self.vision_variant, pool="none",
-                          class_token=self.vision_pool == "tok")
+                          class_token=self.vision_pool == "tok", remat=self.remat, **types)
     vision_width = vit.parse_variant(self.vision_variant)["width"]
     if self.image_split > 1:
       self.subimage_embedding = self.param("subimage_embedding", nn.initializers.normal(0.02),
-                                           (self.image_split ** 2, 1, vision_width))
+                                           (self.image_split ** 2, 1, vision_width),
+                                           self.param_dtype)
     self.resampler = fusion.PerceiverResampler(self.num_latents, self.resampler_depth,
-                                               num_heads=self.num_heads)
-    self.projection = fusion.ModalityProjection(self.width)
+                                               num_heads=self.num_heads, **types)
+    self.projection = fusion.ModalityProjection(self.width, **types)
     self.token_embedding = nn.Embed(self.vocab_size, self.width,
-                                    embedding_init=nn.initializers.normal(0.02))
+                                    embedding_init=nn.initializers.normal(0.02), **types)
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
-                                    (self.max_len, self.width))
-    self.blocks = [transformer.EncoderBlock(self.num_heads, self.mlp_dim)
-                   for _ in range(self.depth)]
-    self.ln_final = nn.LayerNorm()
+                                    (self.max_len, self.width), self.param_dtype)
+    # Argument 5 (self is 0) of a block is `deterministic`: static under remat.
+    block = precision.remat(transformer.EncoderBlock, self.remat, static_argnums=(5,))
+    self.blocks = [block(self.num_heads, self.mlp_dim, **types) for _ in range(self.depth)]
+    self.ln_final = nn.LayerNorm(**types)
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """[b, H, W, C] -> [b, num_image_tokens, width]: the image's tokens for the LM."""
@@ -110,7 +124,8 @@ class VisionLanguageModel(nn.Module):
       # Each sub-image is encoded and pooled on its own, as in Idefics2: its tokens stay
       # together, in reading order, tagged with a learned sub-image embedding.
       x = self.resampler(self.vision(split_image(images, self.image_split)))  # [b·s², L, vw]
-      x = x.reshape(b, self.image_split ** 2, *x.shape[1:]) + self.subimage_embedding
+      x = (x.reshape(b, self.image_split ** 2, *x.shape[1:])
+           + self.subimage_embedding.astype(self.dtype))
       x = x.reshape(b, -1, x.shape[-1])
     else:
       x = self.resampler(self.vision(images))
@@ -122,16 +137,17 @@ class VisionLanguageModel(nn.Module):
     return self.image_split ** 2 * self.num_latents
 
   def _run(self, x, positions, mask, caches=None, index=None):
-    """x [b, c, width] at positions [b, c] -> (logits [b, c, vocab], per-layer {"k", "v"})."""
-    x = x + self.pos_embedding[positions]
+    """x [b, c, width] at positions [b, c] -> (float32 logits [b, c, vocab], per-layer
+    {"k", "v"})."""
+    x = x.astype(self.dtype) + self.pos_embedding.astype(self.dtype)[positions]
     new = []
     for i, block in enumerate(self.blocks):
       if caches is None:
-        x = block(x, mask)
+        x = block(x, mask, None, None, True)
       else:
-        x, kv = block(x, mask, caches[i], index)
+        x, kv = block(x, mask, caches[i], index, True)
         new.append(kv)
-    return self.token_embedding.attend(self.ln_final(x)), new
+    return self.token_embedding.attend(self.ln_final(x)).astype(jnp.float32), new
 
   def _check_len(self, n: int):
     if n > self.max_len:
@@ -143,7 +159,7 @@ class VisionLanguageModel(nn.Module):
     """prefix [b, n, width] (from encode_image), tokens and valid [b, T] -> [b, T, vocab]."""
     n = prefix.shape[1]
     self._check_len(n + tokens.shape[1])
-    x = jnp.concatenate([prefix, self.token_embedding(tokens)], axis=1)
+    x = jnp.concatenate([prefix.astype(self.dtype), self.token_embedding(tokens)], axis=1)
     full_valid = jnp.concatenate([jnp.ones(prefix.shape[:2], bool), valid.astype(bool)], axis=1)
     logits, _ = self._run(x, positions_from_valid(full_valid),
                           chunk_mask(full_valid, 0, x.shape[1]))
@@ -153,19 +169,21 @@ class VisionLanguageModel(nn.Module):
     return self.logits_from_prefix(self.encode_image(images), tokens, valid)
 
   def prefill(self, prefix: jax.Array, prompt: jax.Array, full_valid: jax.Array,
-              cache_dtype=jnp.float32) -> tuple[jax.Array, Cache]:
+              cache_dtype=None) -> tuple[jax.Array, Cache]:
     """Runs image tokens and prompt once, filling a key/value cache for later steps.
 
     Args:
       prefix: [b, n, width] image tokens; prompt: [b, q] int.
       full_valid: [b, L] bool over the whole cache (image, prompt, tokens to come).
+      cache_dtype: the cache's dtype; None: the model's `dtype`.
 
     Returns:
-      (logits [b, vocab] at the last prompt position, cache: per layer {"k", "v"}
+      (float32 logits [b, vocab] at the last prompt position, cache: per layer {"k", "v"}
       [b, L, heads, head_dim] holding positions 0..n+q-1).
     """
     self._check_len(full_valid.shape[1])
-    x = jnp.concatenate([prefix, self.token_embedding(prompt)], axis=1)
+    cache_dtype = self.dtype if cache_dtype is None else cache_dtype
+    x = jnp.concatenate([prefix.astype(self.dtype), self.token_embedding(prompt)], axis=1)
     b, p = x.shape[:2]
     shape = (b, full_valid.shape[1], self.num_heads, self.width // self.num_heads)
     empty = [{"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)}
@@ -257,7 +275,8 @@ def with_vision_params(params, vision_params):
     name = jax.tree_util.keystr(path)
     if path not in got:
       raise ValueError(f"The loaded vision parameters have no {name} (keys: "
-                       f"{sorted(vision_params)}); is the ViT variant or pool different?")
+                       f"{sorted(vision_params)}); is the ViT variant or pool different, or "
+                       f"was it trained with scan_layers=True?")
     if tuple(got[path].shape) != tuple(x.shape):
       raise ValueError(f"Vision parameter {name}: loaded shape {tuple(got[path].shape)}, the "
                        f"model wants {tuple(x.shape)}; set the ViT variant (and image_split) "

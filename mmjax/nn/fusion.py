@@ -10,8 +10,12 @@
   of vision hidden states into a fixed number of latent tokens, and a projection MLP
   maps them to a language model's width, ready to be put in front of its text tokens.
 
-The pure functions come first; the linen modules are thin layers over them.
+The pure functions come first; the linen modules are thin layers over them. The
+modules take `dtype` (computation) and `param_dtype` (parameters), float32 by default
+(see mmjax.nn.precision), and return `dtype`.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,6 +96,8 @@ class AdditiveEmbedding(nn.Module):
   """
   max_len: int
   num_segments: int = 2
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array,
@@ -99,11 +105,13 @@ class AdditiveEmbedding(nn.Module):
     if x.shape[1] > self.max_len:
       raise ValueError(f"Sequence of length {x.shape[1]} is longer than max_len={self.max_len}.")
     width = x.shape[-1]
-    table = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, width))
+    table = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, width),
+                       self.param_dtype).astype(self.dtype)
     pos = table[None, :x.shape[1]] if positions is None else table[positions]
     seg = nn.Embed(self.num_segments, width, embedding_init=nn.initializers.normal(0.02),
+                   dtype=self.dtype, param_dtype=self.param_dtype,
                    name="segment_embedding")(segment_ids)
-    return additive_fusion(x, pos, seg)
+    return additive_fusion(x.astype(self.dtype), pos, seg)
 
 
 class SingleStreamEmbedding(nn.Module):
@@ -115,18 +123,22 @@ class SingleStreamEmbedding(nn.Module):
   embedding i: image patches keep their place, text tokens follow in order.
   """
   max_len: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, image_emb: jax.Array, image_valid: jax.Array, text_emb: jax.Array,
                text_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     width = image_emb.shape[-1]
     init = nn.initializers.normal(0.02)
-    cls = self.param("cls", init, (width,))
-    sep = self.param("sep", init, (width,))
-    x, segment_ids, valid = concat_image_text(cls, image_emb, image_valid, sep, text_emb,
-                                              text_valid)
-    x = AdditiveEmbedding(self.max_len, num_segments=2, name="embedding")(x, segment_ids)
-    return nn.LayerNorm(name="ln")(x), valid
+    cls = self.param("cls", init, (width,), self.param_dtype)
+    sep = self.param("sep", init, (width,), self.param_dtype)
+    x, segment_ids, valid = concat_image_text(cls, image_emb.astype(self.dtype), image_valid,
+                                              sep, text_emb.astype(self.dtype), text_valid)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = AdditiveEmbedding(self.max_len, num_segments=2, name="embedding", **types)(
+        x, segment_ids)
+    return nn.LayerNorm(name="ln", **types)(x), valid
 
 
 class PerceiverResampler(nn.Module):
@@ -143,32 +155,41 @@ class PerceiverResampler(nn.Module):
   num_heads: int = 4
   mlp_dim: int | None = None  # Default: 4 * width.
   width: int | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, context: jax.Array, context_valid: jax.Array | None = None) -> jax.Array:
     batch, n, context_width = context.shape
     width = self.width or context_width
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if width != context_width:
-      context = nn.Dense(width, name="context_proj")(context)
-    latents = self.param("latents", nn.initializers.normal(0.02), (self.num_latents, width))
-    x = jnp.broadcast_to(latents, (batch, self.num_latents, width))
+      context = nn.Dense(width, name="context_proj", **types)(context)
+    latents = self.param("latents", nn.initializers.normal(0.02), (self.num_latents, width),
+                         self.param_dtype)
+    x = jnp.broadcast_to(latents.astype(self.dtype), (batch, self.num_latents, width))
     valid = jnp.ones((batch, n), bool) if context_valid is None else context_valid.astype(bool)
     mask = key_padding_mask(jnp.concatenate([valid, jnp.ones((batch, self.num_latents), bool)], 1))
+    norm = lambda name: nn.LayerNorm(name=name, **types)
     for i in range(self.depth):
-      q = nn.LayerNorm(name=f"ln_latents{i}")(x)
-      kv = jnp.concatenate([nn.LayerNorm(name=f"ln_context{i}")(context), q], axis=1)
-      x = x + attention.MultiHeadAttention(self.num_heads, name=f"attention{i}")(q, kv, mask)
-      x = x + transformer.MlpBlock(self.mlp_dim or 4 * width, name=f"mlp{i}")(
-          nn.LayerNorm(name=f"ln_mlp{i}")(x))
-    return nn.LayerNorm(name="ln_final")(x)
+      q = norm(f"ln_latents{i}")(x)
+      kv = jnp.concatenate([norm(f"ln_context{i}")(context), q], axis=1)
+      x = x + attention.MultiHeadAttention(self.num_heads, name=f"attention{i}", **types)(
+          q, kv, mask)
+      x = x + transformer.MlpBlock(self.mlp_dim or 4 * width, name=f"mlp{i}", **types)(
+          norm(f"ln_mlp{i}")(x))
+    return norm("ln_final")(x)
 
 
 class ModalityProjection(nn.Module):
   """[..., in_width] -> [..., out_width]: a GELU MLP from vision width to the LM's width."""
   out_width: int
   hidden_dim: int | None = None  # Default: out_width.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.gelu(nn.Dense(self.hidden_dim or self.out_width, name="fc1")(x))
-    return nn.Dense(self.out_width, name="fc2")(x)
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.gelu(nn.Dense(self.hidden_dim or self.out_width, name="fc1", **types)(x))
+    return nn.Dense(self.out_width, name="fc2", **types)(x)

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data import pipeline
+from mmjax.nn import precision
 from mmjax.train import checkpoints
 
 def image_shape(source, key: str = "image") -> tuple[int, ...]:
@@ -57,6 +58,34 @@ def refuse_init_from(config, task: str) -> None:
         f"2x2 grids of 28-pixel images, while an open_clip image tower is OpenAI's layout at "
         f"its own resolution. Leave init_from empty; to start from a CLIP tower, train one "
         f"with experiments/clip_mnist.py and pass clip_workdir=<its workdir>.")
+
+
+def model_options(config, task: str, *, remat: bool = True, scan: bool = False) -> dict:
+  """dtype, param_dtype (and remat, scan_layers where the model has them) from the config.
+
+  `config.dtype` and `config.param_dtype` ("float32", "bfloat16", "float16") become
+  dtypes; `config.remat` is passed when `remat`, `config.scan_layers` when `scan`. A
+  remat or scan_layers setting that the task's model cannot use is an error saying so.
+  A config without these fields (one saved before they existed) gives float32, no remat,
+  no scan.
+  """
+  options = {"dtype": precision.as_dtype(config.get("dtype") or "float32", "config.dtype"),
+             "param_dtype": precision.as_dtype(config.get("param_dtype") or "float32",
+                                               "config.param_dtype")}
+  policy = precision.check_remat(config.get("remat") or "none", "config.remat")
+  if remat:
+    options["remat"] = policy
+  elif policy != "none":
+    raise ValueError(f"config.remat={policy!r}: the {task} task's model has no "
+                     f"rematerialised blocks; set it to 'none'.")
+  scan_layers = bool(config.get("scan_layers"))
+  if scan:
+    options["scan_layers"] = scan_layers
+  elif scan_layers:
+    raise ValueError(f"config.scan_layers=True: the {task} task's model has no scanned form "
+                     f"(only the ViT and text Transformer encoders of the clip and ldm tasks "
+                     f"scan); set it to False.")
+  return options
 
 
 class Task:

@@ -1,6 +1,8 @@
 """Image classification: a model and softmax cross-entropy.
 
 Evaluated by `evals.classification` (accuracy on a whole split), through `logits`.
+The model computes in `config.dtype` with parameters in `config.param_dtype`, in
+training and evaluation alike; its logits, and so the loss, are float32.
 """
 import jax.numpy as jnp
 
@@ -9,7 +11,7 @@ from mmjax import models
 from mmjax.data import pipeline
 from mmjax.tasks import base
 
-MODELS = {"lenet5": lambda: models.LeNet5(), "small_cnn": lambda: models.SmallCNN()}
+MODELS = {"lenet5": models.LeNet5, "small_cnn": models.SmallCNN}
 
 
 class ClassifyTask(base.Task):
@@ -19,7 +21,7 @@ class ClassifyTask(base.Task):
     super().__init__(config, mesh)
     if config.model not in MODELS:
       raise ValueError(f"config.model={config.model!r}: choose one of {sorted(MODELS)}.")
-    self.model = MODELS[config.model]()
+    self.model = MODELS[config.model](**base.model_options(config, "classify", remat=False))
     self._preprocess = pipeline.image_classification_preprocess(
         *pipeline.normalisation(config.dataset.name))
 

@@ -24,6 +24,13 @@ returns its parameters, images get 3 channels at its resolution, and `config.qui
 mmjax/interop/open_clip.py). The text is tokenized by
 `config.tokenizer`: kind="byte" (mmjax's byte tokenizer, the default) or kind="bpe"
 with vocab=<bpe_simple_vocab_16e6.txt.gz> (CLIP's, what open_clip's weights expect).
+
+Precision and memory: the model computes in `config.dtype` with parameters in
+`config.param_dtype` (embeddings, logits and loss float32), `config.remat` recomputes
+the towers' blocks in the backward pass, and `config.scan_layers` scans them (not with
+`init_from`, whose weights are unscanned). `config.model.dropout_rate` (default 0)
+drops attention weights and residual branches in training only (the "dropout" rng
+comes from the train step's key); evaluation is deterministic.
 """
 import functools
 
@@ -58,9 +65,14 @@ class ClipTask(base.Task):
       raise ValueError(f"config.captions={self.caption_source!r}: use 'templates' (class "
                        f"names through prompt templates) or 'data' (the dataset's 'caption').")
     self.init_from = _field(config, "init_from", "")
+    options = base.model_options(config, "clip", scan=True)
     if self.init_from:
+      if options["scan_layers"]:
+        raise ValueError(f"config.scan_layers=True with config.init_from={self.init_from!r}: "
+                         f"open_clip weights are in the unscanned layout; set scan_layers=False.")
       from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs())
+      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs()).clone(
+          **options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
         raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
                          f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
@@ -68,7 +80,7 @@ class ClipTask(base.Task):
                          f"{'sigmoid' if self.model.sigmoid else 'softmax'}.")
     else:
       self.model = clip_model.CLIP(**config.model.to_dict(),
-                                   sigmoid=config.loss == "sigmoid")
+                                   sigmoid=config.loss == "sigmoid", **options)
     self.max_text_len = self.model.max_text_len
     self.tokenizer = self._make_tokenizer(_field(config, "tokenizer", {}))
 
@@ -185,9 +197,12 @@ class ClipTask(base.Task):
                                      self.embed_for_loss(params, extras, batch, rng), rng)
 
   def embed_for_loss(self, params, extras, batch, rng):
-    """{"image", "text"}: the batch's [b, embed_dim] unit embeddings."""
-    img, txt = self.embed(params, extras, batch)
-    return {"image": img, "text": txt}
+    """{"image", "text"}: the batch's [b, embed_dim] unit embeddings, with dropout."""
+    variables, rngs, m = {"params": params}, {"dropout": rng}, self.model
+    return {"image": m.apply(variables, batch["image"], False, method=m.encode_image,
+                             rngs=rngs),
+            "text": m.apply(variables, batch["tokens"], False, method=m.encode_text,
+                            rngs=rngs)}
 
   def loss_from_embeddings(self, params, extras, embeddings, rng):
     """The contrastive loss over the global batch's embeddings (split over the mesh)."""

@@ -48,7 +48,8 @@ class ImageBertTask(base.Task):
       raise ValueError(f"config.max_text_len={config.max_text_len}: {config.dataset.name} "
                        f"captions need {need}.")
     self.tokenizer = tokenizer_lib.ByteTokenizer(config.max_text_len)
-    self.model = imagebert.ImageBERT(**config.model.to_dict())
+    self.model = imagebert.ImageBERT(**config.model.to_dict(),
+                                     **base.model_options(config, "imagebert"))
     if config.clip_workdir and self.model.vision_variant is None:
       raise ValueError("config.clip_workdir needs a ViT: set config.model.vision_variant "
                        "(e.g. 'mu/4', the CLIP run's variant).")

@@ -11,6 +11,12 @@ judged by the classifier trained in `config.evals.samples.classifier_workdir` (t
 experiment) in `evals.sample_quality`: accuracy against the prompt's digit and
 Fréchet distance in its 84-unit feature space. The autoencoder is evaluated by
 `evals.reconstruction`.
+
+Every model here (the autoencoder, the U-Net, the text encoder, and in stage 2 the
+loaded autoencoder and CLIP text tower) computes in `config.dtype`; `config.remat`
+recomputes the autoencoder's, the U-Net's and the text encoder's blocks in the
+backward pass, and `config.scan_layers` scans the stage-2 text encoder trained with the
+U-Net (a loaded CLIP text tower keeps the layout its run used).
 """
 from absl import logging
 import jax
@@ -44,7 +50,8 @@ class AutoencoderTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    self.model = ae_lib.AutoencoderKL(**module_kwargs(config.model))
+    self.model = ae_lib.AutoencoderKL(**module_kwargs(config.model),
+                                      **base.model_options(config, "autoencoder"))
 
   def train_preprocess(self, batch):
     return {"image": to_unit_range(batch["image"])}
@@ -83,6 +90,7 @@ class LatentDiffusionTask(base.Task):
     d = config.diffusion
     self.schedule = diffusion.make_schedule(d.schedule, d.num_timesteps)
     self.repl = sharding_lib.replicated(mesh)
+    self.options = base.model_options(config, "ldm", scan=True)
 
   def setup(self):
     c = self.config
@@ -90,19 +98,24 @@ class LatentDiffusionTask(base.Task):
     # U-Net, or a CLIP run's text tower, kept frozen outside the trained parameters.
     ae_run = checkpoints.load_run(c.autoencoder_workdir, task="autoencoder",
                                   field="autoencoder_workdir")
-    self.autoencoder = ae_lib.AutoencoderKL(**module_kwargs(ae_run.config["model"]))
+    types = {k: self.options[k] for k in ("dtype", "param_dtype")}
+    self.autoencoder = ae_lib.AutoencoderKL(**module_kwargs(ae_run.config["model"]), **types)
     self.ae_params = jax.device_put(ae_run.params, self.repl)
     if c.clip_workdir:
       clip_run = checkpoints.load_run(c.clip_workdir, task="clip", field="clip_workdir")
       m = clip_run.config["model"]
       self.text_encoder = TextTransformer(m["text_width"], m["text_depth"], m["text_heads"],
-                                          m["text_mlp_dim"], max_len=m["max_text_len"])
+                                          m["text_mlp_dim"], max_len=m["max_text_len"],
+                                          scan_layers=bool(clip_run.config.get("scan_layers")),
+                                          **types)
       self.frozen_text = jax.device_put(clip_run.params["text_tower"], self.repl)
     else:
-      self.text_encoder = TextTransformer(**module_kwargs(c.text))
+      self.text_encoder = TextTransformer(**module_kwargs(c.text), **self.options)
       self.frozen_text = None
     self.tokenizer = tokenizer_lib.ByteTokenizer(max_len=self.text_encoder.max_len)
-    self.unet = UNet(**module_kwargs(c.unet), context_dim=self.text_encoder.width)
+    unet_options = {k: v for k, v in self.options.items() if k != "scan_layers"}
+    self.unet = UNet(**module_kwargs(c.unet), context_dim=self.text_encoder.width,
+                     **unet_options)
 
     images = pipeline.load_source(c.dataset, c.dataset.train_split)
     self.image_shape = base.image_shape(images)

@@ -46,7 +46,8 @@ class VqaTask(base.Task):
     if self.q_len < need_q or self.a_len < need_a:
       raise ValueError(f"config.max_question_len={self.q_len} and max_answer_len={self.a_len}: "
                        f"{config.dataset.name} needs at least {need_q} and {need_a}.")
-    model = vlm.VisionLanguageModel(**config.model.to_dict())
+    model = vlm.VisionLanguageModel(**config.model.to_dict(),
+                                    **base.model_options(config, "vqa"))
     self.model = model.clone(max_len=model.num_image_tokens + self.q_len + self.a_len)
     self.mean, self.std = pipeline.normalisation(config.dataset.name)
 

@@ -1,8 +1,8 @@
 """Guards a run needs before it compiles anything: config values and the config record.
 
 `validate(config)` refuses values that would waste a run (a cadence of 0, no checkpoint
-kept, a NaN or negative learning rate, a dataset TFDS does not know) with one message
-naming every bad field and what to set.
+kept, a NaN or negative learning rate, a dtype or remat policy mmjax does not know, a
+dataset TFDS does not know) with one message naming every bad field and what to set.
 
 `check_restart(config, workdir, step)` compares a restart's config with the one the
 first run wrote into `<workdir>/config.json`. Fields that change the experiment (task,
@@ -32,8 +32,13 @@ SAFE_TO_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "evals.*.every_steps", "dataset.data_dir", "dataset.download",
     "dataset.cache_decoded", "max_loss", "allow_schedule_change", "profile_steps",
-    "peak_tflops_per_device", "mesh.*", "fsdp_min_size", "grad_accum_steps",
+    "peak_tflops_per_device", "mesh.*", "fsdp_min_size", "grad_accum_steps", "remat",
 )
+# Fields (dotted names) added to configs after runs were written: a config.json
+# without one is compared as if it held this value (and so is a config without one),
+# so that those runs still restart.
+ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
+                "scan_layers": False, "model.dropout_rate": 0.0}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
@@ -82,9 +87,12 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
 
   Checks: every cadence (`*_every_steps`, `evals.*.every_steps`) >= 1,
   keep_checkpoints >= 1, num_train_steps >= 1, global_batch_size >= 1,
-  grad_accum_steps >= 1, fsdp_min_size >= 1, the learning
-  rate finite and >= 0, max_loss (if set) a number, and the dataset name.
+  grad_accum_steps >= 1, fsdp_min_size >= 1, the learning rate finite and >= 0,
+  max_loss (if set) a number, dtype and param_dtype among
+  mmjax.nn.precision.DTYPES, remat among its REMAT_CHOICES, scan_layers a bool, and
+  the dataset name.
   """
+  from mmjax.nn import precision  # Imports flax: only when a config is validated.
   bad = []
 
   def need(ok, field, value, what):
@@ -106,6 +114,16 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
     need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0,
          "optimizer.learning_rate", lr, "must be finite and >= 0; a negative rate "
          "would climb the loss")
+  for f in ("dtype", "param_dtype"):
+    if f in config:
+      need(config[f] in precision.DTYPES, f, config[f],
+           f"use {', '.join(map(repr, precision.DTYPES))}")
+  if "remat" in config:
+    need(config.remat in precision.REMAT_CHOICES, "remat", config.remat,
+         f"use 'none', 'full' or one of {', '.join(precision.REMAT_POLICIES)}")
+  if "scan_layers" in config:
+    need(isinstance(config.scan_layers, bool), "scan_layers", config.scan_layers,
+         "True or False")
   max_loss = config.get("max_loss")
   if max_loss is not None:
     need(isinstance(max_loss, (int, float)) and not math.isnan(max_loss), "max_loss",
@@ -141,7 +159,7 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | N
     return {}
   with open(path, encoding="utf-8") as f:
     old = json.load(f)
-  a, b = flatten(old), flatten(new)
+  a, b = ({**ADDED_FIELDS, **flatten(old)}, {**ADDED_FIELDS, **flatten(new)})
   changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
              if a.get(k) != b.get(k)}
   safe = lambda k: any(fnmatch.fnmatchcase(k, p) for p in SAFE_TO_CHANGE)
