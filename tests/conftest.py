@@ -36,11 +36,15 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
 
 
-@pytest.fixture(scope="module")
-def fast_compilation():
-  """XLA without most optimisations, for a test module of many tiny programs: they
-  compile ~40% faster, and float32-tolerance comparisons do not depend on fusion. Use
-  with `pytestmark = pytest.mark.usefixtures("fast_compilation")`."""
+@pytest.fixture(autouse=True)
+def fast_compilation(request):
+  """Unit tests (not marked `slow`) compile with XLA's most optimisations off: their
+  programs are tiny and compiling is most of their time (~40% less of it), and
+  float32-tolerance comparisons do not depend on fusion. The `slow` end-to-end runs,
+  which train for real, keep the optimisations a researcher's run has."""
+  if request.node.get_closest_marker("slow"):
+    yield
+    return
   import jax  # pylint: disable=import-outside-toplevel
   previous = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)

@@ -7,7 +7,6 @@ import pytest
 from mmjax.nn import attention
 from mmjax.nn import transformer
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 RNG = np.random.default_rng(0)
 

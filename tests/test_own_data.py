@@ -82,6 +82,7 @@ def test_crops_are_reproducible_and_sized():
   assert np.array_equal(centre, images[:, 5:35])
 
 
+@pytest.mark.slow  # An end-to-end training run (on the converted synthetic folder).
 def test_clip_trains_on_it_and_evaluates_retrieval(converted, tmp_path):
   # The shards' dataset; the folder's is read back by the conversion tests above.
   data_dir, _, _ = converted

@@ -20,7 +20,6 @@ from mmjax.tasks import clip as clip_task
 from mmjax.train import guards
 from mmjax.train import sharding
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 KEY = jax.random.PRNGKey(0)
 BF16 = jnp.bfloat16

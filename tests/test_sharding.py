@@ -144,15 +144,16 @@ def test_contrastive_accumulation_keeps_the_global_batch_as_negatives(loss):
   batch = {"image": rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
            "tokens": rng.integers(3, 200, (32, 12)).astype(np.int32),
            "label": rng.integers(0, 10, 32).astype(np.int32)}
-  updates = []
+  updates, state = [], None
   for k in (1, 4):
     config = _clip_config(loss)
     config.grad_accum_steps = k
     mesh = sharding.make_mesh(jax.devices()[:4])
     task = clip_task.ClipTask(config, mesh)
     task.model_image_shape = (28, 28, 1)  # What setup() reads from the dataset.
-    state, opt = trainer.create_train_state(config, task, mesh)
-    step = trainer.jit_train_step(task, opt, mesh)
+    if state is None:  # The same initial state for both (not donated: no in-place update).
+      state, opt = trainer.create_train_state(config, task, mesh)
+    step = jax.jit(trainer._make_train_step(task, opt, k, sharding.batch_sharded(mesh)))
     new_state, metrics = step(state, batch)
     updates.append((jax.device_get(new_state.params), jax.device_get(metrics)))
   (p1, m1), (p4, m4) = updates

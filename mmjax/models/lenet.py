@@ -16,10 +16,8 @@ class LeNet5(nn.Module):
   C3 16@5x5 -> 10x10, 2x2 average pooling -> 5x5, then fully connected 120, 84 and
   the output layer; tanh after every hidden layer.
 
-  `dtype` is the computation dtype of the fully connected layers, `param_dtype` their
-  parameters' (see mmjax.nn.precision). The convolutions and pooling compute in
-  float32: `mmjax.nn.Conv2D` creates float32 kernels and its lowerings want the input
-  in the kernel's dtype. The logits are float32.
+  `dtype` is the computation dtype of every layer, `param_dtype` the parameters' (see
+  mmjax.nn.precision); average pooling sums in float32. The logits are float32.
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
@@ -28,13 +26,13 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_image_shape(x, (28, 28, 1), "LeNet5")
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
-    x = jnp.tanh(mnn.Conv2D(6, 5, padding=2, name="c1")(x.astype(jnp.float32)))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = lambda n, name: nn.Dense(n, **kw, name=name)
+    x = jnp.tanh(mnn.Conv2D(6, 5, padding=2, **kw, name="c1")(x))
     x = mnn.avg_pool(x, 2)
-    x = jnp.tanh(mnn.Conv2D(16, 5, name="c3")(x))
+    x = jnp.tanh(mnn.Conv2D(16, 5, **kw, name="c3")(x))
     x = mnn.avg_pool(x, 2)
-    x = x.reshape(x.shape[0], -1).astype(self.dtype)  # [batch, 5 * 5 * 16 = 400]
+    x = x.reshape(x.shape[0], -1)  # [batch, 5 * 5 * 16 = 400]
     x = jnp.tanh(dense(120, "f5")(x))
     x = jnp.tanh(dense(84, "f6")(x))
     return dense(self.num_classes, "output")(x).astype(jnp.float32)

@@ -17,8 +17,7 @@ class SmallCNN(nn.Module):
   ReLU after every hidden layer. Parameters per layer: 260, 4,016, 9,280, 69,240,
   9,680, 810.
 
-  `dtype` and `param_dtype` as in LeNet5: the dense layers compute in `dtype`, the
-  convolutions and pooling (`mmjax.nn.Conv2D`: float32 kernels) in float32; the logits
+  `dtype` and `param_dtype` as in LeNet5: every layer computes in `dtype`; the logits
   are float32.
   """
   num_classes: int = 10
@@ -28,13 +27,12 @@ class SmallCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_image_shape(x, (28, 28, 1), "SmallCNN")
-    x = x.astype(jnp.float32)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i, (features, size) in enumerate([(10, 5), (16, 5), (64, 3)]):
-      x = nn.relu(mnn.Conv2D(features, size, padding="SAME", name=f"conv{i + 1}")(x))
+      x = nn.relu(mnn.Conv2D(features, size, padding="SAME", **kw, name=f"conv{i + 1}")(x))
       x = mnn.max_pool(x, 2)
-    x = x.reshape(x.shape[0], -1).astype(self.dtype)  # [batch, 3 * 3 * 64 = 576]
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
+    x = x.reshape(x.shape[0], -1)  # [batch, 3 * 3 * 64 = 576]
+    dense = lambda n, name: nn.Dense(n, **kw, name=name)
     x = nn.relu(dense(120, "dense1")(x))
     x = nn.relu(dense(80, "dense2")(x))
     return dense(self.num_classes, "dense3")(x).astype(jnp.float32)
