@@ -47,6 +47,8 @@ def main():
   parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
   parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
   parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="compile, print compile time, FLOPs and memory; run no step")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's peak dense TFLOP/s, for MFU")
   args = parser.parse_args()
@@ -81,7 +83,14 @@ def main():
   step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   flops = throughput.step_flops(step)  # Per device.
-  memory = step.memory_analysis()
+  if args.compile_only:
+    print(json.dumps({"shapes": args.shapes, "batch": args.batch, "dtype": args.dtype,
+                      "remat": args.remat, "scan_layers": args.scan_layers,
+                      "accum": args.accum, "fsdp": args.fsdp, "devices": jax.device_count(),
+                      "backend": jax.default_backend(), "compile_s": round(compile_s, 2),
+                      "gflops_per_step_per_device": round(flops / 1e9, 2),
+                      **_memory(step)}))
+    return
   state, _ = step(state, batch)  # Warm-up.
   jax.block_until_ready(state)
   rates = []
@@ -104,11 +113,19 @@ def main():
       "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
       "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None,
   }
-  if memory is not None:
-    row["bytes_per_device"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    row["temp_bytes_per_device"] = int(memory.temp_size_in_bytes)
+  row.update(_memory(step))
   print(json.dumps(row))
+
+
+def _memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled step: bytes per device (arguments + outputs +
+  temporaries - donated aliases) and the temporaries alone (activations)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {"bytes_per_device": int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                  + m.temp_size_in_bytes - m.alias_size_in_bytes),
+          "temp_bytes_per_device": int(m.temp_size_in_bytes)}
 
 
 if __name__ == "__main__":
