@@ -89,7 +89,7 @@ def main():
                       "accum": args.accum, "fsdp": args.fsdp, "devices": jax.device_count(),
                       "backend": jax.default_backend(), "compile_s": round(compile_s, 2),
                       "gflops_per_step_per_device": round(flops / 1e9, 2),
-                      **_memory(step)}))
+                      **memory_row(step)}))
     return
   state, _ = step(state, batch)  # Warm-up.
   jax.block_until_ready(state)
@@ -113,11 +113,11 @@ def main():
       "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
       "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None,
   }
-  row.update(_memory(step))
+  row.update(memory_row(step))
   print(json.dumps(row))
 
 
-def _memory(compiled) -> dict:
+def memory_row(compiled) -> dict:
   """XLA's memory analysis of a compiled step: bytes per device (arguments + outputs +
   temporaries - donated aliases) and the temporaries alone (activations)."""
   m = compiled.memory_analysis()

@@ -2,6 +2,16 @@ r"""Latent-diffusion U-Net: train-step compile time and images/s, sampler too; o
 
   python benchmarks/ldm_throughput.py                 # the experiment's U-Net and text tower
   python benchmarks/ldm_throughput.py --batch 256 --steps 10
+  python benchmarks/ldm_throughput.py --shapes sd --batch 1 --compile-only
+  python benchmarks/ldm_throughput.py --shapes sd --batch 64 --dtype bfloat16 --remat full
+
+`--shapes sd` is Stable Diffusion 1.x's U-Net: 64x64x4 latents, channels
+320/640/1280/1280, two residual blocks per level, spatial transformers at the first three
+levels cross-attending to a 77x768 context (here from a one-layer 768-wide text tower,
+frozen: `config.frozen`), 8 heads, 32 groups; no sampler timing. `--dtype`, `--remat`,
+`--accum` and `--fsdp` set config.dtype, config.remat, config.grad_accum_steps and
+config.mesh.fsdp. Prints TFLOP/s per device, MFU (where the device's peak is known) and
+XLA's memory analysis of the step (bytes per device).
 
 Uses the diffusion task's loss (U-Net + text Transformer, noise, targets) and the
 trainer's jitted step (`trainer.create_train_state`, `trainer.jit_train_step`) on random
@@ -25,6 +35,15 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--samples", type=int, default=200)
+  parser.add_argument("--shapes", default="mnist", choices=["mnist", "sd"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
+  parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
+  parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="compile, print compile time, FLOPs and memory; run no step")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's peak dense TFLOP/s, for MFU")
   args = parser.parse_args()
 
   import jax
@@ -36,21 +55,34 @@ def main():
   from mmjax.models.text import TextTransformer
   from mmjax.models.unet import UNet
   from mmjax.tasks import ldm
-  from mmjax.train import sharding, trainer
+  from mmjax.train import sharding, throughput, trainer
+  from benchmarks.clip_throughput import memory_row
 
   class SyntheticLatentDiffusionTask(ldm.LatentDiffusionTask):
     """The diffusion task's model, loss and sampler on random latents: no first stage."""
 
     def setup(self):
-      self.text_encoder = TextTransformer(**ldm.module_kwargs(self.config.text))
+      options = {k: v for k, v in self.options.items() if k != "scan_layers"}
+      self.text_encoder = TextTransformer(**ldm.module_kwargs(self.config.text), **options)
       self.frozen_text = None
       self.unet = UNet(**ldm.module_kwargs(self.config.unet),
-                       context_dim=self.text_encoder.width)
-      self.latent_shape, self.latent_scale = (8, 8, 4), 1.0
+                       context_dim=self.text_encoder.width, **options)
+      self.latent_shape, self.latent_scale = latent_shape, 1.0
 
   config = ldm_mnist.get_config("stage=diffusion")
+  latent_shape = (8, 8, 4)
+  if args.shapes == "sd":
+    latent_shape = (64, 64, 4)
+    config.unet = dict(channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                       attention_resolutions=(1, 2, 4), num_heads=8, groups=32)
+    config.text = dict(width=768, depth=1, num_heads=12, mlp_dim=3072, max_len=77)
+    config.frozen = ("text/.*",)
   config.global_batch_size = args.batch
-  mesh = sharding.make_mesh()
+  config.dtype, config.remat, config.grad_accum_steps = args.dtype, args.remat, args.accum
+  config.mesh.fsdp = args.fsdp
+  config.peak_tflops_per_device = args.peak_tflops
+  mesh = sharding.make_mesh(shape=config.mesh)
+  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
   task = SyntheticLatentDiffusionTask(config, mesh)
   task.setup()
   t = time.perf_counter()
@@ -60,16 +92,26 @@ def main():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, args.batch)
   batch = sharding.global_batch({
-      "mean": rng.standard_normal((args.batch, 8, 8, 4), np.float32),
-      "logvar": np.full((args.batch, 8, 8, 4), -6.0, np.float32),
+      "mean": rng.standard_normal((args.batch, *latent_shape), np.float32),
+      "logvar": np.full((args.batch, *latent_shape), -6.0, np.float32),
       "tokens": tokenizer.encode([config.prompt.format(y) for y in labels]),
   }, mesh)
 
   t = time.perf_counter()
-  step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
+  step = trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
+  step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  cost = step.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = throughput.step_flops(step)  # Per device.
+  row = {"shapes": args.shapes, "batch": args.batch, "dtype": args.dtype,
+         "remat": args.remat, "accum": args.accum, "fsdp": args.fsdp,
+         "devices": jax.device_count(), "backend": jax.default_backend(),
+         "device_kind": jax.devices()[0].device_kind,
+         "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
+         "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
+         "gflops_per_step_per_device": round(flops / 1e9, 2), **memory_row(step)}
+  if args.compile_only:
+    print(json.dumps(row))
+    return
   state, _ = step(state, batch)  # Warm-up.
   jax.block_until_ready(state)
   rates = []
@@ -81,6 +123,22 @@ def main():
     rates.append(args.steps * args.batch / (time.perf_counter() - t))
   images_per_sec = statistics.median(rates)
 
+  rates = throughput.rates(images_per_sec / args.batch, args.batch, flops,
+                           throughput.peak_tflops(config))
+  row.update({"images_per_sec": round(images_per_sec, 1),
+              "step_ms": round(1000 * args.batch / images_per_sec, 1),
+              "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
+              "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None})
+  if args.shapes == "mnist":
+    row.update(_time_sampler(args, config, task, state, tokenizer))
+  print(json.dumps(row))
+
+
+def _time_sampler(args, config, task, state, tokenizer) -> dict:
+  """The experiment's sampler: compile + first call, and samples/s of a second call."""
+  import jax
+  import jax.numpy as jnp
+  from mmjax import diffusion
   s = config.sampling
   sampler = diffusion.make_sampler(
       lambda v, x, t, c: task.unet.apply(v, x, t, c), task.schedule, task.latent_shape,
@@ -92,24 +150,13 @@ def main():
   variables = {"params": state.params["unet"]}
   t = time.perf_counter()
   jax.block_until_ready(sampler(variables, jax.random.PRNGKey(0), context, empty, 2.0))
-  sampler_first_call_s = time.perf_counter() - t
+  first_call_s = time.perf_counter() - t
   t = time.perf_counter()
   jax.block_until_ready(sampler(variables, jax.random.PRNGKey(1), context, empty, 4.0))
   sample_s = time.perf_counter() - t
-
-  print(json.dumps({
-      "model": "ldm_mnist U-Net + text", "batch": args.batch, "devices": jax.device_count(),
-      "backend": jax.default_backend(),
-      "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
-      "images_per_sec": round(images_per_sec, 1),
-      "step_ms": round(1000 * args.batch / images_per_sec, 1),
-      "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
-      "gflops_per_step": round(float(cost.get("flops", 0.0)) / 1e9, 2),
-      "achieved_gflops": round(float(cost.get("flops", 0.0)) / 1e9 * images_per_sec / args.batch, 1),
-      "sampler_steps": s.num_steps, "samples": args.samples,
-      "sampler_compile_and_first_call_s": round(sampler_first_call_s, 2),
-      "samples_per_sec": round(args.samples / sample_s, 1),
-  }))
+  return {"sampler_steps": s.num_steps, "samples": args.samples,
+          "sampler_compile_and_first_call_s": round(first_call_s, 2),
+          "samples_per_sec": round(args.samples / sample_s, 1)}
 
 
 if __name__ == "__main__":
