@@ -320,6 +320,9 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
       if step == start + 1:  # Compiled once, here, so that its FLOPs can be counted.
         train_step = train_step.lower(state, batch).compile()
         flops_per_step = throughput.step_flops(train_step)
+        if config.get("scan_layers"):
+          logging.info("scan_layers: XLA counts a scanned layer once, so train/tflops_per_"
+                       "device and train/mfu are lower bounds.")
       profile.before_step(step)
       state, step_metrics = train_step(state, batch)
       profile.after_step(step, state)
