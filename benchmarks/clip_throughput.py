@@ -42,15 +42,8 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-  parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
   parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
-  parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
-  parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
-  parser.add_argument("--compile-only", action="store_true",
-                      help="compile, print compile time, FLOPs and memory; run no step")
-  parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's peak dense TFLOP/s, for MFU")
+  add_scale_flags(parser)
   args = parser.parse_args()
 
   import jax
@@ -61,13 +54,8 @@ def main():
   shapes = SHAPES[args.shapes]
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
-  config.global_batch_size = args.batch
-  config.dtype, config.remat, config.scan_layers = args.dtype, args.remat, args.scan_layers
-  config.grad_accum_steps = args.accum
-  config.mesh.fsdp = args.fsdp
-  config.peak_tflops_per_device = args.peak_tflops
-  mesh = sharding.make_mesh(shape=config.mesh)
-  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
+  config.scan_layers = args.scan_layers
+  mesh = apply_scale_flags(config, args)
   task = clip_task.ClipTask(config, mesh)  # Its model and loss; no dataset (no setup()).
   task.model_image_shape = shapes["image_shape"]  # What setup() reads from the dataset.
   state, opt = trainer.create_train_state(config, task, mesh)
@@ -115,6 +103,30 @@ def main():
   }
   row.update(memory_row(step))
   print(json.dumps(row))
+
+
+def add_scale_flags(parser):
+  """The flags both step benchmarks share: precision, remat, accumulation, mesh, MFU."""
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
+  parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
+  parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="compile, print compile time, FLOPs and memory; run no step")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="the device's peak dense TFLOP/s, for MFU")
+
+
+def apply_scale_flags(config, args):
+  """Sets the config fields of `add_scale_flags`' flags; returns the mesh, batch checked."""
+  from mmjax.train import sharding
+  config.global_batch_size = args.batch
+  config.dtype, config.remat, config.grad_accum_steps = args.dtype, args.remat, args.accum
+  config.mesh.fsdp = args.fsdp
+  config.peak_tflops_per_device = args.peak_tflops
+  mesh = sharding.make_mesh(shape=config.mesh)
+  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
+  return mesh
 
 
 def memory_row(compiled) -> dict:

@@ -28,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks import clip_throughput  # pylint: disable=wrong-import-position
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,14 +38,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--samples", type=int, default=200)
   parser.add_argument("--shapes", default="mnist", choices=["mnist", "sd"])
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-  parser.add_argument("--remat", default="none", help="config.remat: none, full or a policy")
-  parser.add_argument("--accum", type=int, default=1, help="config.grad_accum_steps")
-  parser.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp")
-  parser.add_argument("--compile-only", action="store_true",
-                      help="compile, print compile time, FLOPs and memory; run no step")
-  parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's peak dense TFLOP/s, for MFU")
+  clip_throughput.add_scale_flags(parser)
   args = parser.parse_args()
 
   import jax
@@ -56,7 +51,6 @@ def main():
   from mmjax.models.unet import UNet
   from mmjax.tasks import ldm
   from mmjax.train import sharding, throughput, trainer
-  from benchmarks.clip_throughput import memory_row
 
   class SyntheticLatentDiffusionTask(ldm.LatentDiffusionTask):
     """The diffusion task's model, loss and sampler on random latents: no first stage."""
@@ -77,12 +71,7 @@ def main():
                        attention_resolutions=(1, 2, 4), num_heads=8, groups=32)
     config.text = dict(width=768, depth=1, num_heads=12, mlp_dim=3072, max_len=77)
     config.frozen = ("text/.*",)
-  config.global_batch_size = args.batch
-  config.dtype, config.remat, config.grad_accum_steps = args.dtype, args.remat, args.accum
-  config.mesh.fsdp = args.fsdp
-  config.peak_tflops_per_device = args.peak_tflops
-  mesh = sharding.make_mesh(shape=config.mesh)
-  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
+  mesh = clip_throughput.apply_scale_flags(config, args)
   task = SyntheticLatentDiffusionTask(config, mesh)
   task.setup()
   t = time.perf_counter()
@@ -108,7 +97,7 @@ def main():
          "device_kind": jax.devices()[0].device_kind,
          "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
-         "gflops_per_step_per_device": round(flops / 1e9, 2), **memory_row(step)}
+         "gflops_per_step_per_device": round(flops / 1e9, 2), **clip_throughput.memory_row(step)}
   if args.compile_only:
     print(json.dumps(row))
     return
