@@ -157,3 +157,29 @@ def test_attention_dropout_needs_an_rng_only_when_it_drops():
   assert not np.allclose(a, plain) and not np.allclose(a, b)
   with pytest.raises(Exception, match="dropout"):
     mha.apply(params, x, deterministic=False)
+
+
+def test_auto_implementation_asks_for_cudnn_on_a_gpu_in_half_precision(monkeypatch):
+  """"auto": cuDNN for bfloat16 on a GPU, XLA when JAX refuses it or in float32 or on
+  other backends (a GPU is faked: the backend query is patched, and jax's cuDNN
+  attention is replaced by a recorder that refuses, as JAX does for unsupported input)."""
+  from mmjax.nn import attention as attention_lib
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def recorder(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    if implementation == "cudnn":
+      raise ValueError("cuDNN refuses this input")
+    return real(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+  q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 2, 8))
+  expected = real(q, q, q)
+  for backend, dtype, wanted in [("gpu", jnp.bfloat16, ["cudnn", None]),
+                                 ("gpu", jnp.float32, [None]), ("cpu", jnp.bfloat16, [None])]:
+    monkeypatch.setattr(attention_lib, "_backend", lambda b=backend: b)
+    asked.clear()
+    out = attention_lib.dot_product_attention(q.astype(dtype), q.astype(dtype), q.astype(dtype))
+    assert asked == wanted, (backend, dtype)
+    np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=3e-2)

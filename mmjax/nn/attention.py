@@ -4,9 +4,10 @@ Self-attention: queries, keys and values from one sequence. Cross-attention: que
 from one sequence, keys and values from another, of another length and width (the
 decoder of an encoder-decoder Transformer; a U-Net attending to text).
 
-`dot_product_attention` runs `jax.nn.dot_product_attention` (XLA's attention; cuDNN's
-fused attention on GPUs with `implementation="cudnn"`); its softmax is float32 whatever
-the dtype of q, k and v.
+`dot_product_attention` runs `jax.nn.dot_product_attention`: by default ("auto")
+cuDNN's fused (flash) attention on a GPU for bfloat16/float16 inputs where JAX accepts
+them for it, XLA's attention otherwise; its softmax is float32 whatever the dtype of
+q, k and v.
 """
 from typing import Any
 
@@ -39,10 +40,30 @@ def _weights_with_dropout(query, key, value, mask, rate: float, rng: jax.Array) 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+def _backend() -> str:
+  """The backend `implementation="auto"` chooses for: `jax.default_backend()` when traced."""
+  return jax.default_backend()
+
+
+def _fused_attention(query, key, value, mask, is_causal: bool, implementation: str | None):
+  """jax.nn.dot_product_attention; "auto": cuDNN on a GPU for half-precision inputs,
+  unless JAX refuses the shapes, mask or version for it while tracing; else XLA."""
+  attend = lambda impl: jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                                     is_causal=is_causal, implementation=impl)
+  if implementation != "auto":
+    return attend(implementation)
+  if _backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return attend("cudnn")
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass  # Head size, mask or cuDNN version not supported: XLA's attention.
+  return attend(None)
+
+
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           mask: jax.Array | None = None, *, is_causal: bool = False,
                           dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = "auto") -> jax.Array:
   """softmax(q·kᵀ / sqrt(head_dim)) · v, per head.
 
   Args:
@@ -56,8 +77,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     dropout_rate, dropout_rng: with a key and a rate > 0, each attention weight is
       dropped with probability `dropout_rate` (the kept ones scaled by 1 / (1 - rate));
       the weights are then computed explicitly, not by jax.nn.dot_product_attention.
-    implementation: jax.nn.dot_product_attention's: None (XLA in jax 0.10), "xla" or
-      "cudnn" (GPU only; float16/bfloat16 and the shapes cuDNN supports).
+    implementation: "auto" (cuDNN on a GPU for float16/bfloat16 inputs where JAX accepts
+      them for it while tracing, XLA otherwise), or jax.nn.dot_product_attention's own:
+      None (XLA in jax 0.10), "xla" or "cudnn" (GPU only; refused shapes raise).
 
   Returns:
     [batch, q_len, heads, head_dim], in the dtype of q, k and v (cast to their common
@@ -80,8 +102,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   if dropout_rate > 0.0 and dropout_rng is not None:
     out = _weights_with_dropout(query, key, value, mask, dropout_rate, dropout_rng)
   else:
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=native_causal,
-                                       implementation=implementation)
+    out = _fused_attention(query, key, value, mask, native_causal, implementation)
   if mask is None:
     return out
   attends = jnp.any(mask, axis=-1)  # [b, h, q] (or 1s where the mask broadcasts).
@@ -123,7 +144,7 @@ class MultiHeadAttention(nn.Module):
   out_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   dropout_rate: float = 0.0
   causal: bool = False
-  implementation: str | None = None  # jax.nn.dot_product_attention's: None, "xla", "cudnn".
+  implementation: str | None = "auto"  # See dot_product_attention: "auto", None, "xla", "cudnn".
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
