@@ -6,8 +6,10 @@ to one token. The sequence is `[CLS] 4 region tokens [SEP] caption bytes`, each 
 summed with a position and a segment (modality) embedding. Training mixes image-text
 matching (the grid's caption, "a seven, a two, a nine and an eight", or a mismatched
 one) and masked byte prediction on own captions. Evaluation on `evals.itm.num_grids`
-test-split grids, own and mismatched captions alternating. The ViT starts at random, or
-from a CLIP run's image tower (`clip_workdir=...`), as ImageBERT's detector is pretrained.
+test-split grids, own and mismatched captions alternating. The ViT starts at random, from
+a CLIP run's image tower (`clip_workdir=...`), as ImageBERT's detector is pretrained, or
+from an open_clip / OpenAI ViT CLIP file's (`--config.init_from=<.safetensors>
+--config.quick_gelu=...`; see the README's "Pretrained weights").
 
 Commands:
   python launch.py --config=experiments/imagebert_mnist.py:clip_workdir=workdirs/clip_mnist --workdir=workdirs/imagebert_clip
@@ -34,7 +36,9 @@ def get_config(arg=None):
   c.model = dict(vision_variant="mu/4", vision_pool="gap", image_split=2,
                  width=128, depth=4, num_heads=4, mlp_dim=512)
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
-  c.init_from = ""  # open_clip weights: not supported by this task (a clear error).
+  # Or an open_clip / OpenAI ViT CLIP file's image tower: --config.init_from=<.safetensors>
+  # (with --config.quick_gelu=...); its sizes replace vision_variant (not with clip_workdir).
+  configs.open_clip_fields(c)
   # A ViT loaded from CLIP stays as it is (ImageBERT's detector is fixed too): the step
   # skips its backward pass, and its digit features are already there.
   c.frozen = ("vision/.*",) if arg.clip_workdir else ()

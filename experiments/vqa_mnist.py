@@ -7,8 +7,10 @@ many sevens are there?" -> "two", "is there a seven?" -> "yes"). Only the answer
 tokens are in the loss. Evaluation: greedy answers (key/value cache) to questions in
 phrasings held out from training, on `evals.vqa.num_grids` grids of the test split.
 
-The ViT ("mu/4", mean-pooled, as in experiments/clip_mnist.py) starts at random, or
-from a CLIP run's image tower (`clip_workdir=...`).
+The ViT ("mu/4", mean-pooled, as in experiments/clip_mnist.py) starts at random, from
+a CLIP run's image tower (`clip_workdir=...`), or from an open_clip / OpenAI ViT CLIP
+file's (`--config.init_from=<.safetensors> --config.quick_gelu=...`: the file's sizes,
+cells resized to its resolution; see the README's "Pretrained weights").
 
 Commands:
   python launch.py --config=experiments/vqa_mnist.py --workdir=workdirs/vqa_mnist
@@ -37,7 +39,9 @@ def get_config(arg=None):
   c.model = dict(vision_variant="mu/4", vision_pool="gap", image_split=2, num_latents=2,
                  resampler_depth=1, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.clip_workdir = arg.clip_workdir  # Empty: the ViT starts at random.
-  c.init_from = ""  # open_clip weights: not supported by this task (a clear error).
+  # Or an open_clip / OpenAI ViT CLIP file's image tower: --config.init_from=<.safetensors>
+  # (with --config.quick_gelu=...); its sizes replace vision_variant (not with clip_workdir).
+  configs.open_clip_fields(c)
   # A ViT loaded from CLIP stays as it is: the step skips its backward pass (1.6x faster
   # steps), and the decoder learns to read digit features CLIP already made.
   c.frozen = ("vision/.*",) if arg.clip_workdir else ()

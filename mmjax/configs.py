@@ -104,6 +104,17 @@ def apply_smoke(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int = 3
   return c
 
 
+def open_clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds init_from (an open_clip / OpenAI ViT CLIP .safetensors file to start from, or
+  "") and what such a file may not record (quick_gelu, vision_heads, text_heads; see
+  `clip_fields`), in place."""
+  c.init_from = ""
+  c.quick_gelu = config_dict.placeholder(bool)
+  c.vision_heads = config_dict.placeholder(int)
+  c.text_heads = config_dict.placeholder(int)
+  return c
+
+
 def clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the CLIP task's data, tokenizer and pretrained-weights fields, in place.
 
@@ -121,10 +132,7 @@ def clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       a fraction of the shorter side; 1: none), mean/std per channel (empty: the
       dataset's, or OpenAI CLIP's with init_from).
   """
-  c.init_from = ""
-  c.quick_gelu = config_dict.placeholder(bool)
-  c.vision_heads = config_dict.placeholder(int)
-  c.text_heads = config_dict.placeholder(int)
+  open_clip_fields(c)
   c.captions = "templates"
   c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", vocab="", context_length=0))
   c.zeroshot = ml_collections.ConfigDict(dict(class_names=(), templates=()))

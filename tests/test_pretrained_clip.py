@@ -86,14 +86,6 @@ def test_wrong_tokenizer_or_loss_is_a_clear_error():
     tasks.get_task(_config(loss="sigmoid"), sharding.make_mesh())
 
 
-def test_vqa_refuses_init_from():
-  from experiments import vqa_mnist  # pylint: disable=import-outside-toplevel
-  c = vqa_mnist.get_config("smoke")
-  c.init_from = str(WEIGHTS)
-  with pytest.raises(ValueError, match="cannot start from open_clip weights"):
-    tasks.get_task(c, sharding.make_mesh())
-
-
 @pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_eval_only_without_checkpoint_or_weights_says_what_to_do(tmp_path):
   config = _config(init_from="")

@@ -105,6 +105,25 @@ def compose_grid(cells: np.ndarray) -> np.ndarray:
   return x.reshape(b, GRID * h, GRID * w, c)
 
 
+def split_grid(grids: np.ndarray) -> np.ndarray:
+  """[batch, 2h, 2w, c] -> [batch, 4, h, w, c] in reading order (compose_grid's inverse)."""
+  b, hh, ww, c = grids.shape
+  h, w = hh // GRID, ww // GRID
+  x = grids.reshape(b, GRID, h, GRID, w, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, GRID * GRID, h, w, c)
+
+
+def resize_cells(grids: np.ndarray, size: int, channels: int | None = None) -> np.ndarray:
+  """uint8 grids [b, 2h, 2w, c] -> uint8 [b, 2 size, 2 size, channels]: each cell resized
+  on its own (pipeline.crop_and_resize: bilinear; channels=3 repeats a grey channel)."""
+  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  cells = split_grid(grids)
+  b, n = cells.shape[:2]
+  out = pipeline.crop_and_resize(cells.reshape(b * n, *cells.shape[2:]), size,
+                                 channels=channels)
+  return compose_grid(out.reshape(b, n, *out.shape[1:]))
+
+
 def read_cells(source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Source examples at indices [batch, 4] -> (images [batch, 4, h, w, c], labels [batch, 4])."""
   flat = indices.reshape(-1)

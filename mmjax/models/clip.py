@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from mmjax import losses
 from mmjax.data import tokenizer
 from mmjax.models.text import TextTransformer
-from mmjax.models.vit import ViT
+from mmjax.models import vit
 
 
 class CLIP(nn.Module):
@@ -60,9 +60,9 @@ class CLIP(nn.Module):
     shared = dict(activation=self.activation, layernorm_epsilon=eps,
                   dropout_rate=self.dropout_rate, remat=self.remat,
                   scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.image_tower = ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
-                           class_token=True if openai else None, patch_bias=not openai,
-                           class_pos_embedding=openai, ln_pre=openai, **shared)
+    layout = vit.openai_options(self.activation) if openai else {}
+    self.image_tower = vit.ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
+                               **{**shared, **layout})
     self.text_tower = TextTransformer(self.text_width, self.text_depth, self.text_heads,
                                       self.text_mlp_dim, vocab_size=self.text_vocab_size,
                                       max_len=self.max_text_len,

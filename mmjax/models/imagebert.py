@@ -47,6 +47,7 @@ class ImageBERT(nn.Module):
   patch: int = 7  # Patch embeddings: the patch size.
   vision_variant: str | None = None  # Region features: the ViT variant, e.g. "mu/4".
   vision_pool: str = "gap"  # How the ViT pools a region: "gap" or "tok" (vit.ViT's pool).
+  vision_options: tuple = ()  # ViT layout options, as VisionLanguageModel's.
   image_split: int = 2  # Region features: image_split² cells, one token each.
   width: int = 128
   depth: int = 4
@@ -73,7 +74,8 @@ class ImageBERT(nn.Module):
     if self.vision_variant is not None:
       b, s = images.shape[0], self.image_split
       pooled = vit.ViT(self.vision_variant, pool=self.vision_pool, remat=self.remat,
-                       name="vision", **self._types)(
+                       name="vision", **vit.layout_options(self.vision_options),
+                       **self._types)(
           vlm.split_image(images, s))  # [b·s², vision width]: one token per cell.
       return nn.Dense(self.width, name="region_projection", **self._types)(
           pooled.reshape(b, s * s, -1))

@@ -113,3 +113,29 @@ class ViT(nn.Module):
     elif self.pool == "gap":
       x = x[:, int(class_token):].mean(axis=1, dtype=jnp.float32)
     return x.astype(jnp.float32)
+
+
+# ViT options a model with a ViT inside (VLM, ImageBERT) passes through (`vision_options`).
+LAYOUT_OPTIONS = ("dims", "patch_bias", "class_pos_embedding", "ln_pre", "class_token",
+                  "activation", "layernorm_epsilon")
+
+
+def openai_options(activation: str) -> dict:
+  """ViT's options for OpenAI's CLIP image-tower layout; activation "quick_gelu" or
+  "gelu_exact"."""
+  return dict(class_token=True, patch_bias=False, class_pos_embedding=True, ln_pre=True,
+              layernorm_epsilon=1e-5, activation=activation)
+
+
+def layout_options(pairs) -> dict:
+  """A model's `vision_options`, ((name, value), ...) pairs, -> ViT keyword arguments.
+
+  Pairs rather than a dict keep the module hashable. Raises ValueError for a name that
+  is not one of LAYOUT_OPTIONS.
+  """
+  options = dict(pairs)
+  unknown = sorted(set(options) - set(LAYOUT_OPTIONS))
+  if unknown:
+    raise ValueError(f"vision_options {unknown}: the ViT's layout options are "
+                     f"{LAYOUT_OPTIONS}.")
+  return options

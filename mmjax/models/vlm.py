@@ -1,7 +1,8 @@
 """An Idefics2-style vision-language model: image -> a few tokens in front of a causal LM.
 
     image [b, H, W, C]
-      -> ViT (mmjax.models.vit's parameters; random, or a CLIP run's image tower)
+      -> ViT (mmjax.models.vit's parameters; random, a CLIP run's image tower, or an
+         open_clip file's with OpenAI's layout through `vision_options`)
          every token [b, n_vision, vision_width]
       -> perceiver resampler: num_latents learned queries cross-attend to them
          [b, num_latents, vision_width]
@@ -81,6 +82,9 @@ class VisionLanguageModel(nn.Module):
   """
   vision_variant: str = "mu/7"
   vision_pool: str = "tok"
+  # ViT layout options, ((name, value), ...) from vit.LAYOUT_OPTIONS, e.g. OpenAI's
+  # (vit.openai_options) and "dims" for a loaded open_clip tower. Default: mmjax's layout.
+  vision_options: tuple = ()
   image_split: int = 1
   num_latents: int = 16
   resampler_depth: int = 1
@@ -98,9 +102,11 @@ class VisionLanguageModel(nn.Module):
     types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Every token of the ViT; with vision_pool="tok" the class token too. The
     # parameters are vit.ViT(vision_variant, vision_pool)'s, so a CLIP tower loads.
-    self.vision = vit.ViT(self.vision_variant, pool="none",
-                          class_token=self.vision_pool == "tok", remat=self.remat, **types)
-    vision_width = vit.parse_variant(self.vision_variant)["width"]
+    options = {"class_token": self.vision_pool == "tok",
+               **vit.layout_options(self.vision_options)}
+    self.vision = vit.ViT(self.vision_variant, pool="none", remat=self.remat, **options,
+                          **types)
+    vision_width = vit.parse_variant(self.vision_variant, options.get("dims"))["width"]
     if self.image_split > 1:
       self.subimage_embedding = self.param("subimage_embedding", nn.initializers.normal(0.02),
                                            (self.image_split ** 2, 1, vision_width),

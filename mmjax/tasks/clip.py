@@ -71,8 +71,8 @@ class ClipTask(base.Task):
         raise ValueError(f"config.scan_layers=True with config.init_from={self.init_from!r}: "
                          f"open_clip weights are in the unscanned layout; set scan_layers=False.")
       from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-      self.model = open_clip.model_from_file(self.init_from, **self._load_kwargs()).clone(
-          **options)
+      self.model = open_clip.model_from_file(
+          self.init_from, **base.open_clip_load_kwargs(config)).clone(**options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
         raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
                          f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
@@ -109,10 +109,6 @@ class ClipTask(base.Task):
     self.eval_preprocess = functools.partial(self.preprocess, train=False)
     self._encode_text = jax.jit(functools.partial(self.model.apply,
                                                   method=self.model.encode_text))
-
-  def _load_kwargs(self) -> dict:
-    """interop.open_clip.load's quick_gelu, vision_heads and text_heads, from the config."""
-    return {k: self.config.get(k) for k in ("quick_gelu", "vision_heads", "text_heads")}
 
   def _make_tokenizer(self, spec):
     kind = spec.get("kind") or "byte"
@@ -152,7 +148,8 @@ class ClipTask(base.Task):
         raise ValueError(f"config.image.size={self.image_size}, but {self.init_from} takes "
                          f"{model_size}x{model_size} images: set it to 0 or {model_size}.")
       size, channels = model_size, 3
-      _, self.loaded_params = open_clip.load(self.init_from, **self._load_kwargs())
+      _, self.loaded_params = open_clip.load(self.init_from,
+                                             **base.open_clip_load_kwargs(self.config))
     self.model_image_shape = (size, size, channels)
 
   def preprocess(self, batch, train: bool):

@@ -9,8 +9,9 @@ Each training example is one of two kinds, drawn per example:
   `mlm_rate` of its bytes replaced by [MASK]; cross-entropy on those bytes.
 ITM examples never contain [MASK], so the mask cannot give the answer away.
 
-With a ViT for region features (`config.model.vision_variant`), the ViT starts at random
-or from a CLIP run's image tower (`config.clip_workdir`), as in the VQA task;
+With a ViT for region features (`config.model.vision_variant`), the ViT starts at random,
+from a CLIP run's image tower (`config.clip_workdir`) or from an open_clip / OpenAI ViT
+CLIP's (`config.init_from`), as in the VQA task;
 `config.frozen = ("vision/.*",)` keeps it as loaded (as ImageBERT keeps its detector
 fixed).
 
@@ -24,7 +25,6 @@ import optax
 
 from mmjax import losses
 from mmjax.data import captions
-from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import vqa
 from mmjax.models import imagebert
@@ -39,7 +39,7 @@ class ImageBertTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    base.refuse_init_from(config, "ImageBERT")
+    self.images = base.GridImages(config, "ImageBERT")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     longest = max(self.class_names, key=lambda n: len(vqa.article(n)))
@@ -48,17 +48,18 @@ class ImageBertTask(base.Task):
       raise ValueError(f"config.max_text_len={config.max_text_len}: {config.dataset.name} "
                        f"captions need {need}.")
     self.tokenizer = tokenizer_lib.ByteTokenizer(config.max_text_len)
-    self.model = imagebert.ImageBERT(**config.model.to_dict(),
+    field = "clip_workdir" if config.clip_workdir else "init_from"
+    if config.get(field) and config.model.get("vision_variant") is None:
+      raise ValueError(f"config.{field} needs a ViT: set config.model.vision_variant "
+                       f"(e.g. 'mu/4'; with init_from the file's sizes replace it).")
+    self.model = imagebert.ImageBERT(**{**config.model.to_dict(),
+                                        **self.images.model_overrides},
                                      **base.model_options(config, "imagebert"))
-    if config.clip_workdir and self.model.vision_variant is None:
-      raise ValueError("config.clip_workdir needs a ViT: set config.model.vision_variant "
-                       "(e.g. 'mu/4', the CLIP run's variant).")
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
 
   def setup(self):
     super().setup()
     c = self.config
-    self.image_shape = vqa.grid_shape(self.image_shape)  # Grids of 2x2 training images.
+    self.image_shape = self.images.grid_shape(self.image_shape)  # 2x2 training images.
     n_image = self.model.num_image_tokens(*self.image_shape[:2])
     self.model = self.model.clone(max_len=2 + n_image + c.max_text_len)
     self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
@@ -79,7 +80,7 @@ class ImageBertTask(base.Task):
                                          c.itm_hard_fraction, match)
     targets = self.tokenizer.encode(texts)
     tokens, mlm_weight = self._mask(targets, keys, is_mlm)
-    image = pipeline.normalize_images(images, self.mean, self.std)
+    image = self.images(images)
     return {"image": image, "tokens": tokens, "targets": targets, "match": match,
             "itm_weight": (~is_mlm).astype(np.float32), "mlm_weight": mlm_weight}
 
@@ -92,11 +93,15 @@ class ImageBertTask(base.Task):
                                          self.class_names, self.config.itm_hard_fraction, own)
     tokens = self.tokenizer.encode(texts)
     mlm_tokens, mlm_weight = self._mask(tokens, keys, own)
-    image = pipeline.normalize_images(batch["image"], self.mean, self.std)
+    image = self.images(batch["image"])
     return {"image": image, "tokens": tokens, "targets": tokens, "match": match,
             "mlm_tokens": mlm_tokens, "mlm_weight": mlm_weight}
 
   # Model and loss.
+  def pretrained(self):
+    """With config.init_from: `init`'s parameters with the file's image tower as "vision"."""
+    return self.images.pretrained(self.init)
+
   def init(self, rng):
     image = jnp.zeros((1, *self.image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.config.max_text_len), jnp.int32)

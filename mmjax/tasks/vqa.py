@@ -4,14 +4,15 @@ Training: next-token cross-entropy on the answer tokens only (the question and t
 image are context). Evaluated by `evals.vqa` (greedy answers with a key/value cache,
 exact match), through `generate`.
 
-The ViT starts at random, or from the image tower of a CLIP run (`clip_workdir`);
-`config.frozen = ("vision/.*",)` keeps it as loaded.
+The ViT starts at random, from the image tower of a CLIP run (`clip_workdir`), or from
+an open_clip / OpenAI ViT CLIP's (`init_from`: OpenAI's layout and the file's sizes,
+each cell resized to its resolution; see base.GridImages); `config.frozen =
+("vision/.*",)` keeps it as loaded.
 """
 import jax.numpy as jnp
 
 from mmjax import losses
 from mmjax.data import captions
-from mmjax.data import pipeline
 from mmjax.data import tokenizer
 from mmjax.data import vqa
 from mmjax.models import vlm
@@ -36,7 +37,7 @@ class VqaTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    base.refuse_init_from(config, "VQA")
+    self.images = base.GridImages(config, "VQA")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     self.q_len = config.max_question_len
@@ -46,22 +47,22 @@ class VqaTask(base.Task):
     if self.q_len < need_q or self.a_len < need_a:
       raise ValueError(f"config.max_question_len={self.q_len} and max_answer_len={self.a_len}: "
                        f"{config.dataset.name} needs at least {need_q} and {need_a}.")
-    model = vlm.VisionLanguageModel(**config.model.to_dict(),
+    model = vlm.VisionLanguageModel(**{**config.model.to_dict(),
+                                       **self.images.model_overrides},
                                     **base.model_options(config, "vqa"))
     self.model = model.clone(max_len=model.num_image_tokens + self.q_len + self.a_len)
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
 
   def setup(self):
     super().setup()
     c = self.config
-    self.image_shape = vqa.grid_shape(self.image_shape)  # Grids of 2x2 training images.
+    self.image_shape = self.images.grid_shape(self.image_shape)  # 2x2 training images.
     self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
 
   # Data.
   def _encode(self, images, labels, keys, templates, kinds=None):
     qa = vqa.questions(labels, keys, self.config.seed, self.class_names, templates, kinds,
                        tuple(self.config.kind_weights))
-    return {"image": pipeline.normalize_images(images, self.mean, self.std),
+    return {"image": self.images(images),
             "prompt": vqa.encode_prompts(qa["question"], self.q_len),
             "answer": vqa.encode_answers(qa["answer"], self.a_len), "kind": qa["kind"]}
 
@@ -76,6 +77,10 @@ class VqaTask(base.Task):
                         vqa.EVAL_TEMPLATES, kinds)
 
   # Model and loss.
+  def pretrained(self):
+    """With config.init_from: `init`'s parameters with the file's image tower as "vision"."""
+    return self.images.pretrained(self.init)
+
   def init(self, rng):
     image = jnp.zeros((1, *self.image_shape), jnp.float32)
     tokens = jnp.zeros((1, self.q_len + self.a_len - 1), jnp.int32)

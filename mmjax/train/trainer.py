@@ -378,8 +378,8 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
   Trains nothing. Metrics and images are written as a training run writes them, into
   `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events, images/), at the
   checkpoint's step. A workdir without a checkpoint is an error, except with
-  `config.init_from` (pretrained weights): then the parameters are `task.init`'s,
-  i.e. the loaded ones, evaluated as step 0. Returns the metrics.
+  `config.init_from` (pretrained weights): then the parameters are
+  `task.pretrained()`'s, with the loaded ones, evaluated as step 0. Returns the metrics.
   """
   task.setup()
   evaluators = evals.build(config, task)
