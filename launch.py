@@ -104,6 +104,8 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mmjax.train import host
+  host.reuse_freed_memory()  # Before JAX starts its threads; see mmjax/train/host.py.
   import jax  # Imported after flag parsing, so --help and flag errors are instant.
 
   if _COORDINATOR.value is not None:

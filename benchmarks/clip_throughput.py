@@ -45,6 +45,7 @@ def main():
   parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
   add_scale_flags(parser)
   args = parser.parse_args()
+  host_malloc = start_host()
 
   import jax
   from experiments import clip_mnist
@@ -95,13 +96,16 @@ def main():
       "shapes": args.shapes, "batch": args.batch, "loss": args.loss, "dtype": args.dtype,
       "remat": args.remat, "scan_layers": args.scan_layers, "accum": args.accum, "fsdp": args.fsdp,
       "devices": jax.device_count(), "backend": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind, "params": int(n_params),
+      "device_kind": jax.devices()[0].device_kind, "host_malloc": host_malloc,
+      "params": int(n_params),
       "pairs_per_sec": round(pairs, 2), "step_ms": round(1000 * args.batch / pairs, 1),
       "compile_s": round(compile_s, 2), "gflops_per_step_per_device": round(flops / 1e9, 2),
       "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
       "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None,
   }
   row.update(memory_row(step))
+  profile, state = profile_row(args, step, state, batch)
+  row.update(profile)
   print(json.dumps(row))
 
 
@@ -115,6 +119,32 @@ def add_scale_flags(parser):
                       help="compile, print compile time, FLOPs and memory; run no step")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's peak dense TFLOP/s, for MFU")
+  parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                      help="also profile STEPS steps: time per model part (step_profile.py)")
+  parser.add_argument("--profile-top", type=int, default=0, help="and list the N costliest ops")
+
+
+def profile_row(args, compiled, state, batch) -> tuple[dict, object]:
+  """With --profile: {"profile": step_profile.breakdown(...)} of `compiled`, else {};
+  and the state after the profiled steps (the step donates its input state)."""
+  if not args.profile:
+    return {}, state
+  import jax
+  from benchmarks import step_profile
+  state = [state]
+
+  def run():
+    state[0], _ = compiled(state[0], batch)
+    jax.block_until_ready(state[0])
+  profile = step_profile.breakdown(compiled, run, args.profile, args.profile_top)
+  return {"profile": profile}, state[0]
+
+
+def start_host() -> str:
+  """launch.py's host set-up (mmjax/train/host.py), before JAX starts: "reuse", or
+  "default" where glibc's defaults stay (MMJAX_HOST_MALLOC=default, not glibc)."""
+  from mmjax.train import host
+  return "reuse" if host.reuse_freed_memory() else "default"
 
 
 def apply_scale_flags(config, args):

@@ -40,6 +40,7 @@ def main():
   parser.add_argument("--shapes", default="mnist", choices=["mnist", "sd"])
   clip_throughput.add_scale_flags(parser)
   args = parser.parse_args()
+  host_malloc = clip_throughput.start_host()
 
   import jax
   import jax.numpy as jnp
@@ -94,7 +95,7 @@ def main():
   row = {"shapes": args.shapes, "batch": args.batch, "dtype": args.dtype,
          "remat": args.remat, "accum": args.accum, "fsdp": args.fsdp,
          "devices": jax.device_count(), "backend": jax.default_backend(),
-         "device_kind": jax.devices()[0].device_kind,
+         "device_kind": jax.devices()[0].device_kind, "host_malloc": host_malloc,
          "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
          "gflops_per_step_per_device": round(flops / 1e9, 2), **clip_throughput.memory_row(step)}
@@ -118,6 +119,8 @@ def main():
               "step_ms": round(1000 * args.batch / images_per_sec, 1),
               "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
               "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None})
+  profile, state = clip_throughput.profile_row(args, step, state, batch)
+  row.update(profile)
   if args.shapes == "mnist":
     row.update(_time_sampler(args, config, task, state, tokenizer))
   print(json.dumps(row))

@@ -62,6 +62,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   args = parser.parse_args()
+  from clip_throughput import start_host
+  host_malloc = start_host()
 
   import jax
   import plain_flax
@@ -113,7 +115,7 @@ def main():
   print(json.dumps({
       "model": args.model, "batch": args.batch, "dtype": args.dtype,
       "devices": jax.device_count(),
-      "backend": jax.default_backend(),
+      "backend": jax.default_backend(), "host_malloc": host_malloc,
       "images_per_sec": round(ips, 1),
       "pipeline_images_per_sec": round(statistics.median(end_to_end), 1),
       "pipeline_ratio": round(pipeline_ratio, 3),
