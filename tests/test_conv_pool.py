@@ -14,9 +14,6 @@ RNG = np.random.default_rng(0)
 # small programs compile in about half the time without LLVM's optimizations, and
 # compiling is most of this file's time.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-conv2d = jit(mnn.conv2d, static_argnames=("stride", "padding", "padding_mode"))
-max_pool = jit(mnn.max_pool, static_argnums=(1, 2, 3))
-avg_pool = jit(mnn.avg_pool, static_argnums=(1, 2, 3, 4))
 PADDINGS = ["VALID", "SAME", 0, 1, 2, ((1, 0), (2, 1))]
 
 
@@ -68,17 +65,74 @@ def np_pool(x, window, stride, padding, reduce, pad_value):
   return y
 
 
+def _run_all(cases):
+  """One jitted program for many cases: `cases` maps a key to (function, arguments); returns
+  a dict of each key's outputs as NumPy arrays. Compiling one program of all of a test's
+  cases costs less than half of compiling them one by one (the per-program overhead), and
+  each case is still computed, and asserted, on its own."""
+  keys = list(cases)
+  fns = [cases[k][0] for k in keys]
+  args = [cases[k][1] for k in keys]
+  out = jit(lambda args: [f(*a) for f, a in zip(fns, args)])(args)
+  return dict(zip(keys, jax.device_get(out)))
+
+
+def _case_rng(*key):
+  """A generator seeded by a case's parameters (the same inputs however cases are run)."""
+  return np.random.default_rng([ord(c) for c in repr(key)])
+
+
+CONV2D_SIZES = [(7, 1, 2, 3), (8, 3, 4, 5)]
+
+
+@functools.cache
+def _conv2d_cases():
+  """Every test_conv2d_matches_numpy case: inputs and conv2d's output, in one program."""
+  inputs, cases = {}, {}
+  for padding in PADDINGS:
+    for stride in [1, 2]:
+      for mode in ["zeros", "edge"]:
+        for size, cin, cout, k in CONV2D_SIZES:
+          key = (padding, stride, mode, size, cin, cout, k)
+          rng = _case_rng(*key)
+          x = rng.normal(size=(2, size, size + 1, cin)).astype(np.float32)
+          kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+          bias = rng.normal(size=(cout,)).astype(np.float32)
+          inputs[key] = (x, kernel, bias)
+          cases[key] = (functools.partial(mnn.conv2d, stride=stride, padding=padding,
+                                          padding_mode=mode), (x, kernel, bias))
+  return inputs, _run_all(cases)
+
+
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("mode", ["zeros", "edge"])
-@pytest.mark.parametrize("size, cin, cout, k", [(7, 1, 2, 3), (8, 3, 4, 5)])
+@pytest.mark.parametrize("size, cin, cout, k", CONV2D_SIZES)
 def test_conv2d_matches_numpy(padding, stride, mode, size, cin, cout, k):
-  x = RNG.normal(size=(2, size, size + 1, cin)).astype(np.float32)
-  kernel = RNG.normal(size=(k, k, cin, cout)).astype(np.float32)
-  bias = RNG.normal(size=(cout,)).astype(np.float32)
-  got = conv2d(x, kernel, bias, stride=stride, padding=padding, padding_mode=mode)
+  inputs, outputs = _conv2d_cases()
+  key = (padding, stride, mode, size, cin, cout, k)
+  x, kernel, bias = inputs[key]
+  got = outputs[key]
   want = np_conv2d(x, kernel, bias, stride, padding, mode)
+  assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def _pooling_cases():
+  """Every test_pooling_matches_numpy case: inputs, max and average pools, in one program."""
+  inputs, cases = {}, {}
+  for padding in PADDINGS:
+    for stride in [1, 2]:
+      for window in [2, 3]:
+        for size in [6, 7]:
+          key = (padding, stride, window, size)
+          x = _case_rng(*key).normal(size=(2, size, size, 3)).astype(np.float32)
+          inputs[key] = x
+          cases[key] = (lambda x, w=window, s=stride, p=padding: (mnn.max_pool(x, w, s, p),
+                                                                  mnn.avg_pool(x, w, s, p)),
+                        (x,))
+  return inputs, _run_all(cases)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -86,11 +140,14 @@ def test_conv2d_matches_numpy(padding, stride, mode, size, cin, cout, k):
 @pytest.mark.parametrize("window", [2, 3])
 @pytest.mark.parametrize("size", [6, 7])
 def test_pooling_matches_numpy(padding, stride, window, size):
-  x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
-  np.testing.assert_allclose(max_pool(x, window, stride, padding),
-                             np_pool(x, window, stride, padding, np.max, -np.inf), rtol=1e-6)
-  np.testing.assert_allclose(avg_pool(x, window, stride, padding),
-                             np_pool(x, window, stride, padding, np.mean, 0.0), rtol=1e-5, atol=1e-6)
+  inputs, outputs = _pooling_cases()
+  key = (padding, stride, window, size)
+  x, (got_max, got_avg) = inputs[key], outputs[key]
+  want_max = np_pool(x, window, stride, padding, np.max, -np.inf)
+  want_avg = np_pool(x, window, stride, padding, np.mean, 0.0)
+  assert got_max.shape == want_max.shape and got_avg.shape == want_avg.shape
+  np.testing.assert_allclose(got_max, want_max, rtol=1e-6)
+  np.testing.assert_allclose(got_avg, want_avg, rtol=1e-5, atol=1e-6)
 
 
 def test_avg_pool_can_exclude_padding_from_the_count():
@@ -99,48 +156,86 @@ def test_avg_pool_can_exclude_padding_from_the_count():
   assert float(mnn.avg_pool(x, 3, 1, 1)[0, 0, 0, 0]) == pytest.approx(4 / 9)
 
 
-@pytest.mark.parametrize("padding, stride", [("VALID", 1), ("SAME", 2), (2, 1), (((1, 2), (0, 1)), 2)])
+OUTPUT_AND_GRADIENT_CASES = [("VALID", 1), ("SAME", 2), (2, 1), (((1, 2), (0, 1)), 2)]
+
+
+def _value_and_vjp(f, x, k, c):
+  return f(x, k), jax.vjp(f, x, k)[1](c)
+
+
+@functools.cache
+def _conv2d_vs_lax_cases():
+  """Every test_conv2d_outputs_and_gradients_equal_lax_conv case, in one program."""
+  cases = {}
+  for padding, stride in OUTPUT_AND_GRADIENT_CASES:
+    rng = _case_rng(padding, stride)
+    x = jnp.asarray(rng.normal(size=(3, 10, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 5, 4, 6)), jnp.float32)
+    pads = mnn.explicit_padding(padding, x.shape[1:3], kernel.shape[:2], (stride, stride))
+
+    def ours(x, k, stride=stride, padding=padding):
+      return mnn.conv2d(x, k, stride=stride, padding=padding)
+
+    def reference(x, k, stride=stride, pads=pads):
+      return jax.lax.conv_general_dilated(x, k, (stride, stride), pads,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out_shape = jax.eval_shape(reference, x, kernel).shape
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    cases[(padding, stride)] = (
+        lambda x, k, c, ours=ours, reference=reference: (_value_and_vjp(ours, x, k, c),
+                                                         _value_and_vjp(reference, x, k, c)),
+        (x, kernel, cotangent))
+  return _run_all(cases)
+
+
+@pytest.mark.parametrize("padding, stride", OUTPUT_AND_GRADIENT_CASES)
 def test_conv2d_outputs_and_gradients_equal_lax_conv(padding, stride):
-  x = jnp.asarray(RNG.normal(size=(3, 10, 9, 4)), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=(3, 5, 4, 6)), jnp.float32)
-  pads = mnn.explicit_padding(padding, x.shape[1:3], kernel.shape[:2], (stride, stride))
-
-  def ours(x, k):
-    return mnn.conv2d(x, k, stride=stride, padding=padding)
-
-  def reference(x, k):
-    return jax.lax.conv_general_dilated(x, k, (stride, stride), pads,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel).shape), jnp.float32)
-  def value_and_vjp(f):
-    return jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
-
-  (y1, grads1), (y2, grads2) = value_and_vjp(ours), value_and_vjp(reference)
+  (y1, grads1), (y2, grads2) = _conv2d_vs_lax_cases()[(padding, stride)]
+  assert y1.shape == y2.shape
   np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
-  for g1, g2 in zip(grads1, grads2):
+  for g1, g2 in zip(grads1, grads2, strict=True):
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("window, stride, padding", [(2, None, "VALID"), (3, 2, "SAME"), (2, 1, 1)])
+POOL_GRADIENT_CASES = [(2, None, "VALID"), (3, 2, "SAME"), (2, 1, 1)]
+
+
+@functools.cache
+def _pool_gradient_cases():
+  """Every test_pool_gradients_equal_reduce_window case (average and max pool, outputs and
+  gradients, ours and reduce_window's), in one program."""
+  cases = {}
+  for window, stride, padding in POOL_GRADIENT_CASES:
+    x = jnp.asarray(_case_rng(window, stride, padding).normal(size=(2, 7, 8, 3)), jnp.float32)
+    s = window if stride is None else stride
+    pads = mnn.explicit_padding(padding, x.shape[1:3], (window, window), (s, s))
+    dims, strides, full = (1, window, window, 1), (1, s, s, 1), ((0, 0), *pads, (0, 0))
+
+    def ref_avg(x, dims=dims, strides=strides, full=full, window=window):
+      return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, full) / window ** 2
+
+    def ref_max(x, dims=dims, strides=strides, full=full):
+      return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, full)
+
+    pairs = [(lambda x, w=window, s=stride, p=padding: mnn.avg_pool(x, w, s, p), ref_avg),
+             (lambda x, w=window, s=stride, p=padding: mnn.max_pool(x, w, s, p), ref_max)]
+
+    def run(x, pairs=pairs):
+      return [((ours(x), ref(x)),
+               (jax.grad(lambda x: jnp.sum(ours(x) ** 2))(x),
+                jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x))) for ours, ref in pairs]
+
+    cases[(window, stride, padding)] = (run, (x,))
+  return _run_all(cases)
+
+
+@pytest.mark.parametrize("window, stride, padding", POOL_GRADIENT_CASES)
 def test_pool_gradients_equal_reduce_window(window, stride, padding):
-  x = jnp.asarray(RNG.normal(size=(2, 7, 8, 3)), jnp.float32)
-  s = window if stride is None else stride
-  pads = mnn.explicit_padding(padding, x.shape[1:3], (window, window), (s, s))
-  dims, strides, full = (1, window, window, 1), (1, s, s, 1), ((0, 0), *pads, (0, 0))
-
-  def ref_avg(x):
-    return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, full) / window ** 2
-
-  def ref_max(x):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, full)
-
-  for ours, ref in [(lambda x: mnn.avg_pool(x, window, stride, padding), ref_avg),
-                    (lambda x: mnn.max_pool(x, window, stride, padding), ref_max)]:
-    np.testing.assert_allclose(jit(ours)(x), jit(ref)(x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jit(jax.grad(lambda x: jnp.sum(ours(x) ** 2)))(x),
-                               jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x),
-                               rtol=1e-5, atol=1e-5)
+  for (ours, ref), (grad_ours, grad_ref) in _pool_gradient_cases()[(window, stride, padding)]:
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size, kernel, stride, padding", [(28, 5, 1, 2), (32, 5, 1, 0), (7, 2, 2, 0),
@@ -176,100 +271,173 @@ def _lax_conv(x, k, stride):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _assert_same_values_and_gradients(ours, x, kernel, stride, tol=1e-4):
+def _vjp_case(ours, x, kernel, stride, rng):
+  """(function, arguments) for _run_all: outputs, input and kernel gradients of `ours` and
+  of lax's convolution, under one random cotangent."""
   ref = functools.partial(_lax_conv, stride=stride)
-  cotangent = jnp.asarray(RNG.normal(size=ref(x, kernel).shape), jnp.float32)
+  out_shape = jax.eval_shape(ref, x, kernel).shape
+  cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+  return (lambda x, k, c: (_value_and_vjp(ours, x, k, c), _value_and_vjp(ref, x, k, c)),
+          (x, kernel, cotangent))
 
-  def value_and_vjp(f):
-    return jit(lambda x, k, c: (f(x, k), jax.vjp(f, x, k)[1](c)))(x, kernel, cotangent)
 
-  (y1, (dx1, dk1)), (y2, (dx2, dk2)) = value_and_vjp(ours), value_and_vjp(ref)
+def _assert_same_values_and_gradients(result, tol=1e-4):
+  (y1, (dx1, dk1)), (y2, (dx2, dk2)) = result
+  assert y1.shape == y2.shape
   np.testing.assert_allclose(y1, y2, rtol=tol, atol=tol)
   np.testing.assert_allclose(dx1, dx2, rtol=tol, atol=tol, err_msg="input gradient")
   np.testing.assert_allclose(dk1, dk2, rtol=tol, atol=tol, err_msg="kernel gradient")
 
 
+LOWERING_STRIDES = [(1, 1), (2, 1), (2, 3)]
+LOWERING_SHAPES = [(1, (5, 5)), (3, (3, 2))]
+
+
+@functools.cache
+def _every_lowering_cases():
+  """Every test_every_lowering_matches_lax_conv_with_gradients case, in one program."""
+  cases = {}
+  for lowering in LOWERINGS:
+    for stride in LOWERING_STRIDES:
+      for cin, kernel_hw in LOWERING_SHAPES:
+        rng = _case_rng(lowering, stride, cin, kernel_hw)
+        x = jnp.asarray(rng.normal(size=(2, 11, 12, cin)), jnp.float32)
+        kernel = jnp.asarray(rng.normal(size=(*kernel_hw, cin, 4)), jnp.float32)
+        plan = mnn.conv.Plan(lowering, lowering, lowering)
+        cases[(lowering, stride, cin, kernel_hw)] = _vjp_case(
+            lambda x, k, stride=stride, plan=plan: mnn.conv.conv_valid(x, k, stride, plan),
+            x, kernel, stride, rng)
+  return _run_all(cases)
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS)
-@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (2, 3)])
-@pytest.mark.parametrize("cin, kernel_hw", [(1, (5, 5)), (3, (3, 2))])
+@pytest.mark.parametrize("stride", LOWERING_STRIDES)
+@pytest.mark.parametrize("cin, kernel_hw", LOWERING_SHAPES)
 def test_every_lowering_matches_lax_conv_with_gradients(lowering, stride, cin, kernel_hw):
   """Each lowering alone: output, input gradient and kernel gradient (its autodiff)."""
-  x = jnp.asarray(RNG.normal(size=(2, 11, 12, cin)), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=(*kernel_hw, cin, 4)), jnp.float32)
-  plan = mnn.conv.Plan(lowering, lowering, lowering)
-  _assert_same_values_and_gradients(
-      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride)
+  _assert_same_values_and_gradients(_every_lowering_cases()[(lowering, stride, cin, kernel_hw)])
 
 
-@pytest.mark.parametrize("plan", [("shift", "band", "band"), ("band", "xla", "band3"),
-                                  ("xla", "band2", "patches"), ("patches", "shift", "xla"),
-                                  ("shift", "xla", "xla"),
-                                  # The batch in pieces (lax.map forward, lax.scan backward).
-                                  ("band2", "band2", "band2", 3), ("xla", "band", "band3", 2),
-                                  ("shift", "patches", "band", 6)])
-@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+MIXED_PLANS = [("shift", "band", "band"), ("band", "xla", "band3"),
+               ("xla", "band2", "patches"), ("patches", "shift", "xla"),
+               ("shift", "xla", "xla"),
+               # The batch in pieces (lax.map forward, lax.scan backward).
+               ("band2", "band2", "band2", 3), ("xla", "band", "band3", 2),
+               ("shift", "patches", "band", 6)]
+MIXED_STRIDES = [(1, 1), (2, 2)]
+
+
+@functools.cache
+def _mixed_plan_cases():
+  """Every test_mixed_plans_match_lax_conv_with_gradients case, and
+  test_batch_pieces_that_do_not_divide_the_batch's, in one program."""
+  cases = {}
+  for plan in MIXED_PLANS:
+    for stride in MIXED_STRIDES:
+      rng = _case_rng(plan, stride)
+      x = jnp.asarray(rng.normal(size=(6, 10, 9, 2)), jnp.float32)
+      kernel = jnp.asarray(rng.normal(size=(3, 4, 2, 5)), jnp.float32)
+      cases[(plan, stride)] = _vjp_case(
+          lambda x, k, stride=stride, plan=mnn.conv.Plan(*plan): mnn.conv.conv_valid(
+              x, k, stride, plan), x, kernel, stride, rng)
+  # 5 images in 2 pieces.
+  rng = _case_rng("pieces")
+  x = jnp.asarray(rng.normal(size=(5, 9, 8, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  plan = mnn.conv.Plan("band", "band2", "band", 2)
+  cases["pieces"] = _vjp_case(lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan),
+                              x, kernel, (1, 1), rng)
+  return _run_all(cases)
+
+
+@pytest.mark.parametrize("plan", MIXED_PLANS)
+@pytest.mark.parametrize("stride", MIXED_STRIDES)
 def test_mixed_plans_match_lax_conv_with_gradients(plan, stride):
   """Forward, input gradient and kernel gradient by different lowerings (custom JVP),
   and the batch of 6 in 2, 3 or 6 pieces."""
-  x = jnp.asarray(RNG.normal(size=(6, 10, 9, 2)), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=(3, 4, 2, 5)), jnp.float32)
-  plan = mnn.conv.Plan(*plan)
-  _assert_same_values_and_gradients(
-      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride)
+  _assert_same_values_and_gradients(_mixed_plan_cases()[(plan, stride)])
 
 
 def test_batch_pieces_that_do_not_divide_the_batch():
   """5 images in 2 pieces: padded with a zero image, which changes no gradient."""
-  x = jnp.asarray(RNG.normal(size=(5, 9, 8, 3)), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 4)), jnp.float32)
-  plan = mnn.conv.Plan("band", "band2", "band", 2)
-  _assert_same_values_and_gradients(
-      lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan), x, kernel, (1, 1))
+  _assert_same_values_and_gradients(_mixed_plan_cases()["pieces"])
 
 
-@pytest.mark.parametrize("x_shape, kernel_shape, stride", [
+CHOSEN_PLAN_CASES = [
     ((512, 32, 32, 1), (5, 5, 1, 6), (1, 1)),     # LeNet C1 at batch 512: 4 pieces.
     ((128, 18, 18, 10), (5, 5, 10, 16), (1, 1)),  # SmallCNN conv2: XLA forward, 2 pieces.
     ((7, 9, 9, 16), (3, 3, 16, 64), (1, 1)),      # SmallCNN conv3: band1 (im2col).
     ((5, 9, 9, 16), (1, 1, 16, 8), (1, 1)),       # 1x1.
     ((6, 33, 33, 4), (3, 3, 4, 8), (2, 2)),       # Strided.
     ((1, 130, 130, 16), (3, 3, 16, 16), (1, 1)),  # One image's rows too big: XLA.
-])
+]
+
+
+@functools.cache
+def _chosen_plan_cases():
+  """Every test_chosen_plans_match_lax_conv_with_gradients case: its plan, and its outputs
+  and gradients (all cases in one program)."""
+  plans, cases = {}, {}
+  for x_shape, kernel_shape, stride in CHOSEN_PLAN_CASES:
+    key = (x_shape, kernel_shape, stride)
+    rng = _case_rng(*key)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    plans[key] = plan = mnn.conv.choose_plan(x.shape, kernel.shape, stride)
+    cases[key] = _vjp_case(
+        lambda x, k, stride=stride, plan=plan: mnn.conv.conv_valid(x, k, stride, plan),
+        x, kernel, stride, rng)
+  return plans, _run_all(cases)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, stride", CHOSEN_PLAN_CASES)
 def test_chosen_plans_match_lax_conv_with_gradients(x_shape, kernel_shape, stride):
   """Whatever `choose_plan` picks (batch in pieces too)."""
-  x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=kernel_shape), jnp.float32)
-  plan = mnn.conv.choose_plan(x.shape, kernel.shape, stride)
-  assert x_shape[0] < 512 or plan.batch_chunks > 1
-  _assert_same_values_and_gradients(
-      lambda x, k: mnn.conv.conv_valid(x, k, stride, plan), x, kernel, stride, tol=2e-3)
+  plans, results = _chosen_plan_cases()
+  key = (x_shape, kernel_shape, stride)
+  assert x_shape[0] < 512 or plans[key].batch_chunks > 1
+  _assert_same_values_and_gradients(results[key], tol=2e-3)
 
 
-@pytest.mark.parametrize("plan", [("band", "band", "band"), ("xla", "band2", "band"),
-                                  ("band2", "band2", "band2", 2), ("band", "band", "band", 3)])
+BIAS_PLANS = [("band", "band", "band"), ("xla", "band2", "band"),
+              ("band2", "band2", "band2", 2), ("band", "band", "band", 3)]
+
+
+@functools.cache
+def _bias_gradient_cases():
+  """Every test_bias_gradient_in_every_path case, in one program."""
+  cases = {}
+  for plan in BIAS_PLANS:
+    rng = _case_rng(plan)
+    x = jnp.asarray(rng.normal(size=(6, 8, 9, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+
+    def ours(x, k, b, plan=mnn.conv.Plan(*plan)):
+      return mnn.conv.conv_valid(x, k, (1, 1), plan, b)
+
+    def reference(x, k, b):
+      return _lax_conv(x, k, (1, 1)) + b
+
+    out_shape = jax.eval_shape(reference, x, kernel, bias).shape
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    cases[plan] = (lambda x, k, b, c, ours=ours, reference=reference: (
+        jax.vjp(ours, x, k, b)[1](c), jax.vjp(reference, x, k, b)[1](c)),
+                   (x, kernel, bias, cotangent))
+  return _run_all(cases)
+
+
+@pytest.mark.parametrize("plan", BIAS_PLANS)
 def test_bias_gradient_in_every_path(plan):
   """The bias is added inside the custom JVP (and its gradient summed piece by piece)."""
-  x = jnp.asarray(RNG.normal(size=(6, 8, 9, 3)), jnp.float32)
-  kernel = jnp.asarray(RNG.normal(size=(3, 3, 3, 4)), jnp.float32)
-  bias = jnp.asarray(RNG.normal(size=(4,)), jnp.float32)
-  plan = mnn.conv.Plan(*plan)
-
-  def ours(x, k, b):
-    return mnn.conv.conv_valid(x, k, (1, 1), plan, b)
-
-  def reference(x, k, b):
-    return _lax_conv(x, k, (1, 1)) + b
-
-  cotangent = jnp.asarray(RNG.normal(size=reference(x, kernel, bias).shape), jnp.float32)
-  got, want = jit(lambda *a: (jax.vjp(ours, *a)[1](cotangent),
-                              jax.vjp(reference, *a)[1](cotangent)))(x, kernel, bias)
-  for got, want in zip(got, want):
+  got, want = _bias_gradient_cases()[plan]
+  for got, want in zip(got, want, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 # Fuzzing conv2d against lax.conv_general_dilated: a seeded sample of small shapes,
-# strides, paddings, dtypes and lowerings; one jitted program per case (outputs, VJPs and
-# JVPs of both), so the sample stays a few seconds.
+# strides, paddings, dtypes and lowerings; one jitted program for all cases (outputs, VJPs
+# and JVPs of both), so the sample stays a few seconds.
 FUZZ_LOWERINGS = ["shift", "band", "band1", "band2", "band3", "xla", "patches"]
 # (x dtype, kernel and bias dtype, tolerance relative to the largest reference value).
 FUZZ_DTYPES = {"f32": (jnp.float32, jnp.float32, 1e-4),
@@ -325,35 +493,54 @@ def _assert_close(got, want, tol, what):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
 
 
+FUZZ_CASES = _fuzz_cases()
+
+
+@functools.cache
+def _fuzz_results():
+  """Every fuzz case's arguments' dtype and (ours, reference) outputs, VJPs and JVPs, in one
+  program. Pieces of 64 KiB make "auto" cut the larger batches here too."""
+  dtypes, cases = {}, {}
+  for case in FUZZ_CASES:
+    x_shape, kernel_shape, stride, padding, mode, dtype, lowering = case.values
+    x_dtype, k_dtype, _ = FUZZ_DTYPES[dtype]
+    rng = np.random.default_rng(abs(hash((x_shape, kernel_shape, stride))) % 2**32)
+    def normal(shape, dtype, rng=rng):
+      return jnp.asarray(rng.normal(size=shape), dtype)
+    args = (normal(x_shape, x_dtype), normal(kernel_shape, k_dtype),
+            normal(kernel_shape[-1:], k_dtype))
+    tangents = tuple(normal(a.shape, a.dtype) for a in args)
+
+    def ours(x, k, b, stride=stride, padding=padding, mode=mode, lowering=lowering):
+      return mnn.conv2d(x, k, b, stride=stride, padding=padding, padding_mode=mode,
+                        lowering=lowering)
+
+    def reference(x, k, b, stride=stride, padding=padding, mode=mode):
+      return _reference_conv2d(x, k, b, stride, padding, mode)
+
+    out_shape = jax.eval_shape(reference, *args)
+    cotangent = normal(out_shape.shape, out_shape.dtype)
+    dtypes[case.values] = jnp.result_type(*args)
+    cases[case.values] = (lambda a, t, c, ours=ours, reference=reference: (
+        _value_vjp_jvp(ours, a, t, c), _value_vjp_jvp(reference, a, t, c)),
+                      (args, tangents, cotangent))
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(mnn.conv, "CHUNK_BYTES", 64 << 10)  # Read when "auto" plans, as traced.
+    return dtypes, _run_all(cases)
+
+
 @pytest.mark.parametrize("x_shape, kernel_shape, stride, padding, mode, dtype, lowering",
-                         _fuzz_cases())
+                         FUZZ_CASES)
 def test_conv2d_fuzz_values_vjps_and_jvps_equal_lax_conv(x_shape, kernel_shape, stride, padding,
-                                                        mode, dtype, lowering, monkeypatch):
-  """Outputs, VJPs and JVPs (each in the dtype lax gives) of every lowering choice. Pieces
-  of 64 KiB make "auto" cut the larger batches here too."""
-  monkeypatch.setattr(mnn.conv, "CHUNK_BYTES", 64 << 10)
-  x_dtype, k_dtype, tol = FUZZ_DTYPES[dtype]
-  rng = np.random.default_rng(abs(hash((x_shape, kernel_shape, stride))) % 2**32)
-  def normal(shape, dtype):
-    return jnp.asarray(rng.normal(size=shape), dtype)
-  args = (normal(x_shape, x_dtype), normal(kernel_shape, k_dtype), normal(kernel_shape[-1:], k_dtype))
-  tangents = tuple(normal(a.shape, a.dtype) for a in args)
-
-  def ours(x, k, b):
-    return mnn.conv2d(x, k, b, stride=stride, padding=padding, padding_mode=mode,
-                      lowering=lowering)
-
-  def reference(x, k, b):
-    return _reference_conv2d(x, k, b, stride, padding, mode)
-
-  out_shape = jax.eval_shape(reference, *args)
-  cotangent = normal(out_shape.shape, out_shape.dtype)
-  got, want = jit(lambda a, t, c: (_value_vjp_jvp(ours, a, t, c),
-                                   _value_vjp_jvp(reference, a, t, c)))(args, tangents, cotangent)
-  assert want[0].dtype == jnp.result_type(*args)
+                                                        mode, dtype, lowering):
+  """Outputs, VJPs and JVPs (each in the dtype lax gives) of every lowering choice."""
+  key = (x_shape, kernel_shape, stride, padding, mode, dtype, lowering)
+  dtypes, results = _fuzz_results()
+  got, want = results[key]
+  assert want[0].dtype == dtypes[key]
   for what, g, w in zip(["output", "dx", "dkernel", "dbias", "jvp"],
-                        jax.tree.leaves(got), jax.tree.leaves(want)):
-    _assert_close(g, w, tol, what)
+                        jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _assert_close(g, w, FUZZ_DTYPES[dtype][2], what)
 
 
 @pytest.mark.parametrize("lowering", ["auto", mnn.conv.Plan("xla", "band2", "patches", 2)])

@@ -55,14 +55,18 @@ def test_single_stream_padding_changes_nothing_in_the_valid_outputs():
     return encoder.apply(params["encoder"], x, fusion.key_padding_mask(valid)), valid
 
   image, text = _normal(0, (b, n_img, w)), _normal(1, (b, n_txt, w))
-  params = {"embed": embed.init(jax.random.PRNGKey(2), image, image_valid, text, text_valid)}
-  x, valid = embed.apply(params["embed"], image, image_valid, text, text_valid)
-  params["encoder"] = encoder.init(jax.random.PRNGKey(3), x)
-  out, valid = run(params, image, text)
   # Other values at every padded position, image and text.
   image2 = jnp.where(image_valid[..., None], image, 100.0 * _normal(4, image.shape))
   text2 = jnp.where(text_valid[..., None], text, -50.0 * _normal(5, text.shape))
-  out2, _ = run(params, image2, text2)
+
+  @jax.jit  # Initialisation and both runs: one compilation, not op by op.
+  def init_and_run(image, text, image2, text2):
+    params = {"embed": embed.init(jax.random.PRNGKey(2), image, image_valid, text, text_valid)}
+    x, _ = embed.apply(params["embed"], image, image_valid, text, text_valid)
+    params["encoder"] = encoder.init(jax.random.PRNGKey(3), x)
+    return run(params, image, text), run(params, image2, text2)[0]
+
+  (out, valid), out2 = init_and_run(image, text, image2, text2)
   keep = np.asarray(valid)
   assert not keep.all()
   np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(out2)[keep], atol=1e-5)
@@ -85,13 +89,19 @@ def test_perceiver_resampler_pools_to_num_latents_and_ignores_masked_context():
   resampler = mnn.PerceiverResampler(num_latents=3, depth=2, num_heads=2, width=16)
   context = _normal(0, (2, 10, 24))  # Another width than the latents': projected.
   valid = jnp.arange(10)[None, :] < jnp.array([[10], [6]])
-  params = resampler.init(jax.random.PRNGKey(1), context, valid)
-  out = resampler.apply(params, context, valid)
-  assert out.shape == (2, 3, 16)
   changed = jnp.where(valid[..., None], context, 7.0)
-  np.testing.assert_allclose(resampler.apply(params, changed, valid), out, atol=1e-5)
+
+  @jax.jit  # One compilation, not op by op.
+  def init_and_apply(context, changed, valid):
+    params = resampler.init(jax.random.PRNGKey(1), context, valid)
+    return (resampler.apply(params, context, valid), resampler.apply(params, changed, valid),
+            resampler.apply(params, context[:, :4]))
+
+  out, out_changed, out_short = init_and_apply(context, changed, valid)
+  assert out.shape == (2, 3, 16)
+  np.testing.assert_allclose(out_changed, out, atol=1e-5)
   # Any number of context tokens gives the same number of latents.
-  assert resampler.apply(params, context[:, :4]).shape == (2, 3, 16)
+  assert out_short.shape == (2, 3, 16)
 
 
 def test_modality_projection_maps_to_the_lm_width():
@@ -105,19 +115,25 @@ def test_imagebert_heads_shapes_and_text_padding():
   model = models.ImageBERT(patch=7, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=2 + 16 + 14)
   images = _normal(0, (2, 28, 28, 1))
   tokens = jnp.asarray(tokenizer.ByteTokenizer(10).encode(["a one", "a seven, a"]))
-  params = model.init(jax.random.PRNGKey(1), images, tokens)
-  out = model.apply(params, images, tokens)
+  image_valid = jnp.ones((2, 16), bool).at[:, 5].set(False)
+  patch = images.at[:, 7:14, 7:14].set(50.0)  # Patch 5 of the 4x4 grid of 7x7 patches.
+
+  @jax.jit  # Initialisation and the five passes: one compilation, not op by op.
+  def init_and_apply(images, tokens, image_valid, patch):
+    params = model.init(jax.random.PRNGKey(1), images, tokens)
+    return (model.apply(params, images, tokens),
+            model.apply(params, images, jnp.pad(tokens, ((0, 0), (0, 4)))),
+            model.apply(params, images, tokens, image_valid),
+            model.apply(params, patch, tokens, image_valid),
+            model.apply(params, patch, tokens))
+
+  out, longer, base, moved, unmasked = init_and_apply(images, tokens, image_valid, patch)
   assert out["itm_logit"].shape == (2,)
   assert out["mlm_logits"].shape == (2, 10, tokenizer.VOCAB_SIZE + 1)
   # More PAD columns change nothing at the real tokens.
-  longer = model.apply(params, images, jnp.pad(tokens, ((0, 0), (0, 4))))
   np.testing.assert_allclose(longer["itm_logit"], out["itm_logit"], atol=1e-5)
   np.testing.assert_allclose(longer["mlm_logits"][:, :10], out["mlm_logits"], atol=1e-4)
   # A masked image patch: its pixels do not matter.
-  image_valid = jnp.ones((2, 16), bool).at[:, 5].set(False)
-  base = model.apply(params, images, tokens, image_valid)
-  patch = images.at[:, 7:14, 7:14].set(50.0)  # Patch 5 of the 4x4 grid of 7x7 patches.
-  moved = model.apply(params, patch, tokens, image_valid)
   np.testing.assert_allclose(moved["itm_logit"], base["itm_logit"], atol=1e-5)
   np.testing.assert_allclose(moved["mlm_logits"], base["mlm_logits"], atol=1e-4)
-  assert not np.allclose(model.apply(params, patch, tokens)["itm_logit"], out["itm_logit"])
+  assert not np.allclose(unmasked["itm_logit"], out["itm_logit"])

@@ -1,4 +1,6 @@
 """LeNet-5 and SmallCNN: parameter counts, shapes, input errors, same math as flax layers."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,11 @@ import pytest
 from mmjax import models
 
 
+@functools.cache
 def _params(model):
-  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  """A model's initial parameters, made once per model (modules hash by their fields),
+  jitted: one compilation, not one per op."""
+  return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
 
 
 def _count(tree):
@@ -32,7 +37,7 @@ def test_small_cnn_parameters_per_layer():
 @pytest.mark.parametrize("model", [models.LeNet5(), models.SmallCNN()])
 def test_logits_shape_and_wrong_input_shape(model):
   params = _params(model)
-  assert model.apply({"params": params}, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
+  assert jax.jit(model.apply)({"params": params}, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
   with pytest.raises(ValueError, match=r"\[batch, 28, 28, 1\].*\[3, 32, 32, 1\]"):
     model.apply({"params": params}, jnp.zeros((3, 32, 32, 1)))
   with pytest.raises(ValueError, match=r"\[batch, 28, 28, 1\]"):

@@ -1,4 +1,5 @@
 """Byte tokenizer round trip; CLIP model shapes, norms, temperature and weight-decay mask."""
+import functools
 import math
 
 import jax
@@ -21,23 +22,27 @@ def test_tokenizer_round_trip_truncation_and_layout():
   assert ids.max() < tok.vocab_size
 
 
+@functools.cache
 def _model_and_params(**kw):
+  """The model and its initial parameters, made once per configuration (a jitted init:
+  one compilation instead of one per op)."""
   model = clip.CLIP(max_text_len=16, **kw)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
-                      jnp.zeros((1, 16), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                               jnp.zeros((1, 16), jnp.int32))["params"]
   return model, params
 
 
 def test_clip_outputs_unit_norm_embeddings_and_clamped_temperature():
   model, params = _model_and_params()
   tokens = jnp.asarray(tokenizer.ByteTokenizer(16).encode(["a one", "a two", "a three"]))
-  out = model.apply({"params": params}, jnp.ones((3, 28, 28, 1)), tokens)
+  big = {**params, "logit_scale": jnp.float32(10.0)}
+  apply = jax.jit(lambda p, images, tokens: model.apply({"params": p}, images, tokens))
+  out = apply(params, jnp.ones((3, 28, 28, 1)), tokens)
   assert out["image_emb"].shape == out["text_emb"].shape == (3, 64)
   np.testing.assert_allclose(jnp.linalg.norm(out["image_emb"], axis=1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(out["text_emb"], axis=1), 1.0, rtol=1e-5)
   assert float(params["logit_scale"]) == pytest.approx(math.log(1 / 0.07))
-  big = {**params, "logit_scale": jnp.float32(10.0)}
-  assert float(model.apply({"params": big}, jnp.ones((3, 28, 28, 1)), tokens)["logit_scale"]) == pytest.approx(100.0)
+  assert float(apply(big, jnp.ones((3, 28, 28, 1)), tokens)["logit_scale"]) == pytest.approx(100.0)
 
 
 def test_text_embedding_ignores_padding_after_eos():
@@ -45,7 +50,7 @@ def test_text_embedding_ignores_padding_after_eos():
   tokens = np.asarray(tokenizer.ByteTokenizer(16).encode(["a one"]))
   other = tokens.copy()
   other[0, 8:] = 77  # Junk after EOS.
-  f = lambda t: model.apply({"params": params}, jnp.asarray(t), method=model.encode_text)
+  f = jax.jit(lambda t: model.apply({"params": params}, t, method=model.encode_text))
   np.testing.assert_allclose(f(tokens), f(other), rtol=1e-5, atol=1e-6)
 
 

@@ -26,7 +26,24 @@ def _tiny(**kwargs):
   return model, params
 
 
-_generate = jax.jit(vlm.greedy_generate, static_argnums=(0, 4, 5))
+@functools.cache
+def _apply(model):
+  """model.apply, jitted once per model (tests that pass the same shapes share a compile)."""
+  return jax.jit(model.apply)
+
+
+NEW_TOKENS = 10
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate_cached_and_uncached(model, params, images, prompts):
+  """greedy_generate with and without the cache: one program for both."""
+  return (vlm.greedy_generate(model, params, images, prompts, NEW_TOKENS, True),
+          vlm.greedy_generate(model, params, images, prompts, NEW_TOKENS, False))
+
+
+QUESTIONS = ["what is in the top left?", "is there an eight?", "count the ones.",
+             "how many sevens are there?"]
 
 
 def _images(n, seed=1):
@@ -36,13 +53,18 @@ def _images(n, seed=1):
 def test_vit_tokens_have_the_pooled_vits_parameters_and_its_class_token():
   images = _images(2)[:, :28, :28]
   ref = vit.ViT("mu/4", pool="tok")
-  params = jax.jit(ref.init)(jax.random.PRNGKey(0), images)
   encoder = vit.ViT("mu/4", pool="none", class_token=True)
+
+  @jax.jit  # Initialisation and both passes: one compilation.
+  def run(images):
+    params = ref.init(jax.random.PRNGKey(0), images)
+    return params, encoder.apply(params, images), ref.apply(params, images)
+
+  params, tokens, pooled = run(images)
   shapes = jax.tree.map(jnp.shape, jax.eval_shape(encoder.init, jax.random.PRNGKey(0), images))
   assert shapes == jax.tree.map(jnp.shape, params)
-  tokens = jax.jit(encoder.apply)(params, images)
   assert tokens.shape == (2, 1 + 49, 64)
-  np.testing.assert_allclose(tokens[:, 0], jax.jit(ref.apply)(params, images), atol=1e-5)
+  np.testing.assert_allclose(tokens[:, 0], pooled, atol=1e-5)
 
 
 def test_split_image_cuts_cells_in_reading_order():
@@ -53,7 +75,7 @@ def test_split_image_cuts_cells_in_reading_order():
 
 def test_logits_are_causal_and_left_padding_does_not_shift_positions():
   model, params = _tiny()
-  apply = jax.jit(model.apply)
+  apply = _apply(model)
   prompts = vqa.encode_prompts(["is there a one?", "how many twos are there?"], 30)
   images = _images(2)
   logits = apply({"params": params}, images, prompts, prompts != tokenizer.PAD)
@@ -77,13 +99,10 @@ SPLIT = dict(vision_variant="mu/4", image_split=2, num_latents=2)
 @pytest.mark.parametrize("vision", [{}, SPLIT])
 def test_cached_greedy_decoding_equals_uncached(vision):
   model, params = _tiny(**vision)
-  questions = ["what is in the top left?", "is there an eight?", "count the ones.",
-               "how many sevens are there?"]
-  prompts = jnp.asarray(vqa.encode_prompts(questions, 28))
+  prompts = jnp.asarray(vqa.encode_prompts(QUESTIONS, 28))
   images = _images(4)
-  cached = np.asarray(_generate(model, params, images, prompts, 10, True))
-  uncached = np.asarray(_generate(model, params, images, prompts, 10, False))
-  assert cached.shape == (4, 10)
+  cached, uncached = map(np.asarray, _generate_cached_and_uncached(model, params, images, prompts))
+  assert cached.shape == (4, NEW_TOKENS)
   np.testing.assert_array_equal(cached, uncached)
   assert len(set(map(tuple, cached))) > 1  # Not a degenerate constant.
 
@@ -108,11 +127,11 @@ def test_generation_stops_at_eos_and_pads_after_it():
   table = params["token_embedding"]["embedding"].at[tokenizer.EOS].set(eos)
   params = {**params, "token_embedding": {"embedding": table},
             "ln_final": {"scale": jnp.zeros(width), "bias": 10.0 * eos}}
-  prompts = jnp.asarray(vqa.encode_prompts(["is there a one?"], 20))
-  images = _images(1)
-  for use_cache in (True, False):
-    out = np.asarray(_generate(model, params, images, prompts, 5, use_cache))
-    np.testing.assert_array_equal(out, [[tokenizer.EOS] + [tokenizer.PAD] * 4])
+  # The shapes of test_cached_greedy_decoding_equals_uncached: its compiled program.
+  prompts = jnp.asarray(vqa.encode_prompts(QUESTIONS, 28))
+  images = _images(4)
+  for out in _generate_cached_and_uncached(model, params, images, prompts):
+    np.testing.assert_array_equal(out, [[tokenizer.EOS] + [tokenizer.PAD] * (NEW_TOKENS - 1)] * 4)
 
 
 def test_prefill_and_decode_step_match_the_full_forward_pass():
@@ -121,7 +140,7 @@ def test_prefill_and_decode_step_match_the_full_forward_pass():
   images = _images(2)
   text = jnp.asarray(vqa.encode_prompts(["is there a nine?", "what is in the top right?"], 30))
   valid = text != tokenizer.PAD
-  full = jax.jit(model.apply)(variables, images, text, valid)
+  full = _apply(model)(variables, images, text, valid)
 
   @jax.jit
   def stepwise(images, text, valid):
@@ -143,8 +162,12 @@ def test_prefill_and_decode_step_match_the_full_forward_pass():
 def test_clip_image_tower_loads_into_the_vision_encoder():
   clip = models.CLIP(image_variant="mu/4", text_width=16, text_depth=1, text_heads=2,
                      text_mlp_dim=32, max_text_len=8, embed_dim=16)
-  clip_params = jax.jit(clip.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
-                                   jnp.zeros((1, 8), jnp.int32))["params"]
+  # CLIP's parameter tree, shapes and dtypes (no compilation), with random values.
+  rng = np.random.default_rng(0)
+  clip_params = jax.tree.map(
+      lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),
+      jax.eval_shape(clip.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                     jnp.zeros((1, 8), jnp.int32))["params"])
   model, params = _tiny(**SPLIT)
   loaded = vlm.with_vision_params(params, clip_params["image_tower"])
   for a, b in zip(jax.tree.leaves(loaded["vision"]), jax.tree.leaves(clip_params["image_tower"])):
