@@ -17,7 +17,7 @@ Uses the diffusion task's loss (U-Net + text Transformer, noise, targets) and th
 trainer's jitted step (`trainer.create_train_state`, `trainer.jit_train_step`) on random
 8x8x4 latents and real caption tokens; no autoencoder run is needed. Also compiles the
 experiment's sampler (DDIM, classifier-free guidance: a doubled batch per step) and
-times one call of it on `--samples` prompts.
+times one call of it on `--samples` prompts (`--samples 0`: no sampler).
 """
 import argparse
 import json
@@ -121,7 +121,7 @@ def main():
               "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None})
   profile, state = clip_throughput.profile_row(args, step, state, batch)
   row.update(profile)
-  if args.shapes == "mnist":
+  if args.shapes == "mnist" and args.samples:
     row.update(_time_sampler(args, config, task, state, tokenizer))
   print(json.dumps(row))
 

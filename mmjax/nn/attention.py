@@ -4,10 +4,10 @@ Self-attention: queries, keys and values from one sequence. Cross-attention: que
 from one sequence, keys and values from another, of another length and width (the
 decoder of an encoder-decoder Transformer; a U-Net attending to text).
 
-`dot_product_attention` runs, by default ("auto"), cuDNN's fused (flash) attention on a
-GPU for bfloat16/float16 inputs where JAX accepts them for it, a head-major form laid
-out for XLA's CPU backend on a CPU, and XLA's attention (`jax.nn.dot_product_attention`)
-otherwise; its softmax is float32 whatever the dtype of q, k and v.
+`dot_product_attention` runs `jax.nn.dot_product_attention`: by default ("auto")
+cuDNN's fused (flash) attention on a GPU for bfloat16/float16 inputs where JAX accepts
+them for it, XLA's attention otherwise; its softmax is float32 whatever the dtype of
+q, k and v.
 """
 from typing import Any
 
@@ -40,26 +40,6 @@ def _weights_with_dropout(query, key, value, mask, rate: float, rng: jax.Array) 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-def _head_major_attention(query, key, value, mask, is_causal: bool) -> jax.Array:
-  """The CPU's attention: q, k, v [b, t, h, d] -> [b, q, h, d], computed head-major.
-
-  The same arithmetic as XLA's path of jax.nn.dot_product_attention, laid out for XLA's
-  CPU backend: q, k and v transposed to [b, h, t, d] once, the scale applied to q before
-  the product (that keeps the logits, the softmax and the product with v in one XLA
-  library fusion), the weights made with jax.nn.softmax. Measured against XLA's path in
-  benchmarks/README.md ("Where the CPU time goes").
-  """
-  if is_causal:
-    mask = causal_mask(query.shape[1], key.shape[1])
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  scale = jnp.asarray(query.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
-
-
 def _backend() -> str:
   """The backend `implementation="auto"` chooses for: `jax.default_backend()` when traced."""
   return jax.default_backend()
@@ -67,14 +47,11 @@ def _backend() -> str:
 
 def _fused_attention(query, key, value, mask, is_causal: bool, implementation: str | None):
   """jax.nn.dot_product_attention; "auto": cuDNN on a GPU for half-precision inputs,
-  unless JAX refuses the shapes, mask or version for it while tracing; the head-major
-  form on a CPU; else XLA."""
+  unless JAX refuses the shapes, mask or version for it while tracing; else XLA."""
   attend = lambda impl: jax.nn.dot_product_attention(query, key, value, mask=mask,
                                                      is_causal=is_causal, implementation=impl)
   if implementation != "auto":
     return attend(implementation)
-  if _backend() == "cpu":
-    return _head_major_attention(query, key, value, mask, is_causal)
   if _backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
     try:
       return attend("cudnn")
@@ -101,8 +78,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       dropped with probability `dropout_rate` (the kept ones scaled by 1 / (1 - rate));
       the weights are then computed explicitly, not by jax.nn.dot_product_attention.
     implementation: "auto" (cuDNN on a GPU for float16/bfloat16 inputs where JAX accepts
-      them for it while tracing, the head-major form on a CPU, XLA otherwise), or
-      jax.nn.dot_product_attention's own:
+      them for it while tracing, XLA otherwise), or jax.nn.dot_product_attention's own:
       None (XLA in jax 0.10), "xla" or "cudnn" (GPU only; refused shapes raise).
 
   Returns:
