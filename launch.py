@@ -37,6 +37,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Split this host's CPU into N devices for data parallelism (one "
+    "per core on a CPU-only machine; XLA's --xla_force_host_platform_device_count). "
+    "Accelerators are unaffected.")
 _VERBOSE_ERRORS = flags.DEFINE_bool(
     "verbose_errors", False, "Show the full traceback of expected errors (as does "
     "MMJAX_TRACEBACK=1).")
@@ -106,6 +110,8 @@ def _main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from mmjax.train import host
   host.reuse_freed_memory()  # Before JAX starts its threads; see mmjax/train/host.py.
+  if _CPU_DEVICES.value is not None:
+    host.split_cpu(_CPU_DEVICES.value)
   import jax  # Imported after flag parsing, so --help and flag errors are instant.
 
   if _COORDINATOR.value is not None:

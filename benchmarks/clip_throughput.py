@@ -45,7 +45,7 @@ def main():
   parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
   add_scale_flags(parser)
   args = parser.parse_args()
-  host_malloc = start_host()
+  host_malloc = start_host(args.cpu_devices)
 
   import jax
   from experiments import clip_mnist
@@ -119,6 +119,8 @@ def add_scale_flags(parser):
                       help="compile, print compile time, FLOPs and memory; run no step")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="the device's peak dense TFLOP/s, for MFU")
+  parser.add_argument("--cpu-devices", type=int, default=None,
+                      help="launch.py's --cpu_devices: split the CPU into N devices")
   parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                       help="also profile STEPS steps: time per model part (step_profile.py)")
   parser.add_argument("--profile-top", type=int, default=0, help="and list the N costliest ops")
@@ -140,10 +142,12 @@ def profile_row(args, compiled, state, batch) -> tuple[dict, object]:
   return {"profile": profile}, state[0]
 
 
-def start_host() -> str:
+def start_host(cpu_devices: int | None = None) -> str:
   """launch.py's host set-up (mmjax/train/host.py), before JAX starts: "reuse", or
   "default" where glibc's defaults stay (MMJAX_HOST_MALLOC=default, not glibc)."""
   from mmjax.train import host
+  if cpu_devices is not None:
+    host.split_cpu(cpu_devices)
   return "reuse" if host.reuse_freed_memory() else "default"
 
 

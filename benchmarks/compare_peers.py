@@ -10,7 +10,9 @@ SmallCNN with mmjax.nn against plain Flax layers (`--model small_cnn_flax`).
 `--table transformers`: the CLIP MNIST step (`clip_throughput.py`) at batch 128, 256
 and 512 against open_clip (`../shared/peers/clip_open_clip.py`), and the latent-diffusion
 U-Net + text tower step (`ldm_throughput.py --samples 0`) at batch 64, 128 and 256
-against diffusers (`../shared/peers/unet_diffusers.py`). `--table all`: both.
+against diffusers (`../shared/peers/unet_diffusers.py`), these two with the CPU split
+into `--cpu-devices` devices (default 2, launch.py's `--cpu_devices`; 0: one device).
+`--table all`: both.
 
 Each round runs every row's program once, one after the other: drifts in machine load
 spread over all rows alike. The peers run in their own virtual environment
@@ -39,6 +41,7 @@ def rows(args):
   """name -> command line."""
   mine = [sys.executable, os.path.join(HERE, "train_throughput.py"), "--repeats", "5",
           "--steps", str(args.steps)]
+  cpu_devices = ["--cpu-devices", str(args.cpu_devices)] if args.cpu_devices else []
   table = {}
   for batch in (128, 512):
     table[f"lenet5:{batch}"] = mine + ["--model", "lenet5", "--batch", str(batch)]
@@ -49,12 +52,13 @@ def rows(args):
     table[f"small_cnn_flax:{batch}"] = mine + ["--model", "small_cnn_flax", "--batch", str(batch)]
   for batch in (128, 256, 512):
     table[f"clip:{batch}"] = [sys.executable, os.path.join(HERE, "clip_throughput.py"),
-                              "--batch", str(batch), "--steps", "10"]
+                              "--batch", str(batch), "--steps", "10", *cpu_devices]
     table[f"open_clip:{batch}"] = [args.torch_python, os.path.join(PEERS, "clip_open_clip.py"),
                                    str(batch), "20"]
   for batch in (64, 128, 256):
     table[f"ldm:{batch}"] = [sys.executable, os.path.join(HERE, "ldm_throughput.py"),
-                             "--batch", str(batch), "--steps", "10", "--samples", "0"]
+                             "--batch", str(batch), "--steps", "10", "--samples", "0",
+                             *cpu_devices]
     table[f"diffusers:{batch}"] = [args.torch_python, os.path.join(PEERS, "unet_diffusers.py"),
                                    str(batch), "20"]
   if args.only:
@@ -77,6 +81,8 @@ def main():
   parser.add_argument("--torch-steps", type=int, default=300)
   parser.add_argument("--torch-python", default="/tmp/peer-venv/bin/python")
   parser.add_argument("--table", default="lenet", choices=["lenet", "transformers", "all"])
+  parser.add_argument("--cpu-devices", type=int, default=2,
+                      help="CLIP and U-Net rows: launch.py's --cpu_devices (0: one device)")
   parser.add_argument("--only", default="", help="comma-separated rows, e.g. lenet5:128,torch:128")
   args = parser.parse_args()
   table = rows(args)

@@ -40,7 +40,7 @@ def main():
   parser.add_argument("--shapes", default="mnist", choices=["mnist", "sd"])
   clip_throughput.add_scale_flags(parser)
   args = parser.parse_args()
-  host_malloc = clip_throughput.start_host()
+  host_malloc = clip_throughput.start_host(args.cpu_devices)
 
   import jax
   import jax.numpy as jnp

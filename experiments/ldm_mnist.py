@@ -5,17 +5,19 @@ is judged by the LeNet-5 of experiments/mnist_lenet.py:
 
   python launch.py --config=experiments/mnist_lenet.py --workdir=workdirs/mnist_lenet
   python launch.py --config=experiments/ldm_mnist.py:stage=autoencoder \
-      --workdir=workdirs/ldm_autoencoder
+      --workdir=workdirs/ldm_autoencoder --cpu_devices=2
   python launch.py --config=experiments/ldm_mnist.py:stage=diffusion \
-      --workdir=workdirs/ldm_diffusion \
+      --workdir=workdirs/ldm_diffusion --cpu_devices=2 \
       --config.autoencoder_workdir=workdirs/ldm_autoencoder \
       --config.evals.samples.classifier_workdir=workdirs/mnist_lenet
 
-(those two workdirs are the defaults). `clip_workdir=...` conditions on the frozen
+(those two workdirs are the defaults; --cpu_devices=2 runs data-parallel over the two
+cores of a CPU-only machine, which the U-Net's chain of small operations needs to keep
+both busy). `clip_workdir=...` conditions on the frozen
 text tower of a CLIP run (experiments/clip_mnist.py) instead of a text Transformer
 trained with the U-Net. `smoke` runs each stage in seconds on 8 fake devices.
 
-Expected results (2-core CPU, both stages together under 45 minutes): eval/recon_mse of
+Expected results (2-core CPU, both stages together under 25 minutes): eval/recon_mse of
 the autoencoder about 0.002 on the test split; eval/sample_accuracy >= 0.95 at the best
 guidance scale (eval/best_guidance), with eval/fld/guidance_{0,1,2,4} next to
 eval/fld_reference (as many real training images as samples, against the test split:

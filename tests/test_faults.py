@@ -173,6 +173,15 @@ def test_expected_errors_are_one_line(tmp_path, args, message):
   assert len(lines) <= 5 and lines[-1].startswith("error: ") and message in lines[-1], lines
 
 
+def test_cpu_devices_conflicting_with_xla_flags_is_one_line(tmp_path):
+  proc = lh.run(SMOKE, tmp_path, devices=8, extra=("--cpu_devices=2",), check=False,
+                timeout=120)
+  assert proc.returncode == 1
+  assert _error_lines(proc.stderr)[-1] == (
+      "error: XLA_FLAGS already sets --xla_force_host_platform_device_count=8; drop it or "
+      "--cpu_devices.")
+
+
 def test_missing_config_file_is_one_line(tmp_path):
   proc = lh.run("experiments/nope.py", tmp_path, check=False, timeout=120)
   assert proc.returncode == 2

@@ -44,3 +44,25 @@ def test_reused_memory_takes_no_page_faults_per_step():
   assert applied == "False" and default > 10_000  # 64 MB of 4 KiB pages, mapped afresh.
   applied, reused = _faults_per_call("reuse")
   assert applied == "True" and reused < 0.01 * default
+
+
+def test_split_cpu_makes_that_many_cpu_devices():
+  script = ("from mmjax.train import host; host.split_cpu(3); import jax; "
+            "print(jax.device_count(), jax.default_backend())")
+  out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=""),
+                       cwd=REPO, check=True, capture_output=True, text=True).stdout.split()
+  assert out[-2:] == ["3", "cpu"]
+
+
+def test_split_cpu_refuses_a_bad_or_conflicting_count(monkeypatch):
+  from mmjax.train import host  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="--cpu_devices must be >= 1"):
+    host.split_cpu(0)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with pytest.raises(ValueError, match="XLA_FLAGS already sets"):
+    host.split_cpu(2)
+  host.split_cpu(8)  # The same count: nothing to change.
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  host.split_cpu(2)
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2"
