@@ -109,7 +109,8 @@ def _main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from mmjax.train import host
-  host.reuse_freed_memory()  # Before JAX starts its threads; see mmjax/train/host.py.
+  if _CONFIG.value.get("reuse_host_memory", True):
+    host.reuse_freed_memory()  # Before JAX starts its threads; see mmjax/train/host.py.
   if _CPU_DEVICES.value is not None:
     host.split_cpu(_CPU_DEVICES.value)
   import jax  # Imported after flag parsing, so --help and flag errors are instant.

@@ -142,13 +142,14 @@ def profile_row(args, compiled, state, batch) -> tuple[dict, object]:
   return {"profile": profile}, state[0]
 
 
-def start_host(cpu_devices: int | None = None) -> str:
+def start_host(cpu_devices: int | None = None, reuse: bool = True) -> str:
   """launch.py's host set-up (mmjax/train/host.py), before JAX starts: "reuse", or
-  "default" where glibc's defaults stay (MMJAX_HOST_MALLOC=default, not glibc)."""
+  "default" where glibc's defaults stay (config.reuse_host_memory False,
+  MMJAX_HOST_MALLOC=default, not glibc)."""
   from mmjax.train import host
   if cpu_devices is not None:
     host.split_cpu(cpu_devices)
-  return "reuse" if host.reuse_freed_memory() else "default"
+  return "reuse" if reuse and host.reuse_freed_memory() else "default"
 
 
 def apply_scale_flags(config, args):

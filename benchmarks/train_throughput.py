@@ -63,7 +63,8 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   args = parser.parse_args()
   from clip_throughput import start_host
-  host_malloc = start_host()
+  from experiments import mnist_lenet
+  host_malloc = start_host(reuse=mnist_lenet.get_config().reuse_host_memory)  # As launch.py.
 
   import jax
   import plain_flax

@@ -33,12 +33,13 @@ SAFE_TO_CHANGE = (
     "eval_batch_size", "evals.*.every_steps", "dataset.data_dir", "dataset.download",
     "dataset.cache_decoded", "max_loss", "allow_schedule_change", "profile_steps",
     "peak_tflops_per_device", "mesh.*", "fsdp_min_size", "grad_accum_steps", "remat",
+    "reuse_host_memory",
 )
 # Fields (dotted names) added to configs after runs were written: a config.json
 # without one is compared as if it held this value (and so is a config without one),
 # so that those runs still restart.
 ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                "scan_layers": False, "model.dropout_rate": 0.0}
+                "scan_layers": False, "model.dropout_rate": 0.0, "reuse_host_memory": True}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
