@@ -8,7 +8,8 @@ page on first touch: 84,000 page faults and a third of the step's time on one co
 and hand it out again; the process then holds its peak host memory until it exits, as a
 training process does anyway.
 
-launch.py and the step benchmarks call it first thing, before JAX starts its threads
+launch.py (unless config.reuse_host_memory is False) and the step benchmarks call it
+first thing, before JAX starts its threads
 (glibc gives each thread its arena on its first allocation; a thread's own arena maps
 large blocks whatever the settings). A library importing mmjax is unaffected unless it
 calls it. MMJAX_HOST_MALLOC=default skips it.
