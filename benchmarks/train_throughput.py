@@ -68,7 +68,6 @@ def main():
 
   import jax
   import plain_flax
-  from experiments import mnist_lenet
   from mmjax import tasks
   from mmjax.data import pipeline
   from mmjax.train import sharding, trainer
