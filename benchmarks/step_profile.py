@@ -66,8 +66,8 @@ def op_names(hlo_text: str) -> dict:
 
 
 def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
-  """{"wall_ms", "ops_ms", "by_direction_part": {"forward/attention": ms, ...}} per step;
-  with `top`, also the `top` most expensive ops (ms, instruction, op_name)."""
+  """{"wall_ms", "ops_ms", "by_direction_part": {"forward/attention": ms, ...},
+  "ops_per_step": {"forward": n, ...}} per step (n: ops executed); with `top`, also the `top` most expensive ops (ms, instruction, op_name)."""
   import jax  # pylint: disable=import-outside-toplevel
   names = op_names(compiled.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -78,7 +78,7 @@ def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
       wall = time.perf_counter() - t
     (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
-  per_op = collections.Counter()
+  per_op, calls = collections.Counter(), collections.Counter()
   for plane in profile.planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLAEigen"):  # The threads that execute XLA's ops.
@@ -86,12 +86,15 @@ def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
       for event in line.events:
         if not event.name.startswith("ThunkExecutor"):
           per_op[event.name] += event.duration_ns / 1e6 / steps
-  groups = collections.Counter()
+          calls[event.name] += 1 / steps
+  groups, counts = collections.Counter(), collections.Counter()
   for op, ms in per_op.items():
     name = names.get(op, "")
     groups[f"{_direction(name)}/{_part(name)}"] += ms
+    counts[_direction(name)] += calls[op]
   out = {"wall_ms": round(1000 * wall / steps, 1), "ops_ms": round(sum(per_op.values()), 1),
-         "by_direction_part": {k: round(v, 1) for k, v in groups.most_common()}}
+         "by_direction_part": {k: round(v, 1) for k, v in groups.most_common()},
+         "ops_per_step": {k: round(v) for k, v in counts.most_common()}}
   if top:
     out["top_ops"] = [(round(ms, 2), op, names.get(op, "")[-100:])
                       for op, ms in per_op.most_common(top)]

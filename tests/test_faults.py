@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import launch_helpers as lh
@@ -46,16 +47,50 @@ def _restore_latest(config, workdir, **kw):
 
 def test_nan_at_huge_lr_leaves_a_finite_restorable_checkpoint(tmp_path):
   config = _config(num_train_steps=20, checkpoint_every_steps=1)
-  config.optimizer.name = "adam"  # Step 1 moves every weight by ~1e38: finite; step 2 is not.
-  config.optimizer.learning_rate = 1e38
+  config.optimizer.name = "adam"  # Step 1 moves every weight by ~1e30: finite; step 2 is not.
+  config.optimizer.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match=r"Stopped at step (\d+).*NaN/Inf.*the last "
                                                r"checkpoint, step (\d+) .* is finite") as e:
     _train(config, tmp_path)
   bad, last = map(int, re.search(r"step (\d+).*step (\d+)", str(e.value)).groups())
   assert _steps(tmp_path) and max(_steps(tmp_path)) == last == bad - 1
   state, step = _restore_latest(config, tmp_path)  # Raises if not finite or not restorable.
-  assert step == last and bool(checkpoints.all_finite(state))
+  assert step == last and bool(checkpoints.exactly_finite(state))
   assert not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_element_in_any_leaf(bad):
+  tree = {"a": np.ones((3, 4), np.float32), "b": [np.zeros(5, np.float16), np.arange(4)],
+          "c": np.full((2,), 60000.0, np.float16)}  # Its float16 sum would overflow.
+  assert bool(checkpoints.all_finite(tree)) and bool(checkpoints.exactly_finite(tree))
+  for path in (("a",), ("b", 0), ("c",)):
+    broken = jax.tree.map(np.copy, tree)
+    leaf = broken[path[0]] if len(path) == 1 else broken[path[0]][path[1]]
+    leaf.flat[-1] = bad
+    assert not bool(checkpoints.all_finite(broken)), path
+    assert not bool(checkpoints.exactly_finite(broken)), path
+
+
+def test_a_huge_finite_checkpoint_is_restored_not_moved_away(tmp_path):
+  """Values whose float32 sum overflows fail the fast check; restore_latest confirms
+  element by element that they are finite and keeps the checkpoint."""
+  config = _config(num_train_steps=3)
+  _train(config, tmp_path)
+  mesh = sharding.make_mesh()
+  task = LinearTask(config, mesh)
+  task.setup()
+  state, _ = trainer.create_train_state(config, task, mesh)
+  huge = state.replace(params=jax.tree.map(lambda p: p * 0 + 3e38, state.params))
+  assert not bool(checkpoints.all_finite(huge)) and bool(checkpoints.exactly_finite(huge))
+  mngr = checkpoints.manager(str(tmp_path), 3)
+  mngr.save(4, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(huge)))
+  mngr.wait_until_finished()
+  restored, step = checkpoints.restore_latest(mngr, state)
+  mngr.close()
+  assert step == 4 and not list(tmp_path.glob("checkpoints/corrupt-*"))
+  assert all(np.all(np.asarray(p) == np.float32(3e38)) for p in jax.tree.leaves(restored.params))
 
 
 def test_finite_divergence_above_max_loss_stops_the_same_way(tmp_path):

@@ -153,7 +153,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, state, train_iter=None):
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-  """One boolean: every float leaf of `tree` is finite (one fused reduction)."""
+  """One boolean: no float leaf of `tree` holds a NaN or an infinity.
+
+  It is whether the float32 sum of every element is finite: a NaN or an infinity
+  anywhere makes the sum NaN or infinite, and a sum is one small kernel per leaf (the
+  train step checks its whole new state with it). Finite values whose sum overflows
+  float32 (|sum| > 3.4e38) count as not finite; `exactly_finite` tells them apart.
+  Per-element `isfinite(x).all()` over 600 leaves compiled in 12.5 s and ran in 17 ms
+  on two CPU cores; this in 3.9 s and 3.7 ms (benchmarks/README.md).
+  """
+  sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
+
+
+@jax.jit
+def exactly_finite(tree) -> jax.Array:
+  """One boolean: every element of every float leaf of `tree` is finite (no overflow)."""
   leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -174,7 +190,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state, train_iter=None, *,
   for i, step in enumerate(steps):
     try:
       restored = restore(mngr, step, state, train_iter)
-      if not bool(all_finite(restored)):
+      if not bool(all_finite(restored)) and not bool(exactly_finite(restored)):
         raise FloatingPointError("it holds NaN or Inf values")
       if i:
         mngr.reload()  # Forget the moved steps.

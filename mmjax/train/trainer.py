@@ -155,8 +155,8 @@ def _make_train_step(task, opt: optim.Optimizer, k: int, micro_sharding):
     params = optax.apply_updates(state.params, updates)
     new_state = task.after_update(state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, extras=extras))
-    # 1 if the loss, the gradients and the whole new state are finite: one fused
-    # reduction, fetched with the other metrics (no extra host sync per step).
+    # 1 if the loss, the gradients and the whole new state are finite (a float32 sum
+    # per leaf), fetched with the other metrics (no extra host sync per step).
     finite = checkpoints.all_finite((loss, grads, new_state.params, new_state.opt_state,
                                      new_state.extras))
     metrics = {"train/loss": loss, "train/learning_rate": opt.schedule(state.step),
@@ -221,7 +221,8 @@ def _check_finite(rows: list[tuple[int, dict]], mngr, max_loss: float | None):
     if finite and (max_loss is None or loss <= max_loss):
       continue
     what = (f"the loss ({loss:.4g}) is above config.max_loss={max_loss}" if finite else
-            f"the loss, gradients or new parameters are NaN/Inf (loss {loss:.4g}, "
+            f"the loss, gradients or new state are NaN/Inf, or so large that their sum "
+            f"overflows float32 (loss {loss:.4g}, "
             f"gradient norm {grad_norm:.4g})")
     mngr.wait_until_finished()
     last = mngr.latest_step()
