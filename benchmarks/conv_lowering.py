@@ -33,6 +33,9 @@ LAYERS = {
     "small_cnn.conv1": (32, 32, 1, 10, 5, "relu"),
     "small_cnn.conv2": (18, 18, 10, 16, 5, "relu"),
     "small_cnn.conv3": (9, 9, 16, 64, 3, "relu"),
+    # experiments/ldm_mnist.py's U-Net on 8x8 latents: 3x3 convolutions at both levels.
+    "unet.l0": (10, 10, 32, 32, 3, "relu"),
+    "unet.l1": (6, 6, 64, 64, 3, "relu"),
 }
 
 

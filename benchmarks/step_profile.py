@@ -67,7 +67,7 @@ def op_names(hlo_text: str) -> dict:
 
 def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
   """{"wall_ms", "ops_ms", "by_direction_part": {"forward/attention": ms, ...},
-  "ops_per_step": {"forward": n, ...}} per step (n: ops executed); with `top`, also the `top` most expensive ops (ms, instruction, op_name)."""
+  "ops_per_step": {"forward": n, ...}} per step (n: ops started); with `top`, also the `top` most expensive ops (ms, instruction, op_name)."""
   import jax  # pylint: disable=import-outside-toplevel
   names = op_names(compiled.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -89,13 +89,15 @@ def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
           calls[event.name] += 1 / steps
   groups, counts = collections.Counter(), collections.Counter()
   for op, ms in per_op.items():
-    name = names.get(op, "")
+    # "end: <op>": the completion of an op the runtime ran asynchronously (a YNN fusion).
+    name = names.get(op.removeprefix("end: "), "")
     groups[f"{_direction(name)}/{_part(name)}"] += ms
-    counts[_direction(name)] += calls[op]
+    if not op.startswith("end: "):
+      counts[_direction(name)] += calls[op]
   out = {"wall_ms": round(1000 * wall / steps, 1), "ops_ms": round(sum(per_op.values()), 1),
          "by_direction_part": {k: round(v, 1) for k, v in groups.most_common()},
          "ops_per_step": {k: round(v) for k, v in counts.most_common()}}
   if top:
-    out["top_ops"] = [(round(ms, 2), op, names.get(op, "")[-100:])
+    out["top_ops"] = [(round(ms, 2), op, names.get(op.removeprefix("end: "), "")[-100:])
                       for op, ms in per_op.most_common(top)]
   return out

@@ -98,4 +98,5 @@ def _diffusion_config():
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.flatten = True  # ~250 small leaves: +5% images/s, compile 27 -> 21 s.
   return c

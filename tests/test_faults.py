@@ -109,10 +109,12 @@ def test_finite_divergence_above_max_loss_stops_the_same_way(tmp_path):
     ("num_train_steps", 0, r"config.num_train_steps=0"),
     ("optimizer.learning_rate", float("nan"), r"learning_rate=nan"),
     ("optimizer.learning_rate", -1e-3, r"learning_rate=-0.001 .*climb"),
+    (("optimizer.flatten", "mesh.fsdp"), (True, 2), r"optimizer.flatten=True .*fsdp=2"),
 ])
 def test_bad_config_values_are_refused_before_compiling(tmp_path, field, value, message):
   config = _config()
-  config.update_from_flattened_dict({field: value})
+  config.update_from_flattened_dict({field: value} if isinstance(field, str) else
+                                    dict(zip(field, value)))
   with pytest.raises(guards.ConfigError, match=message):
     _train(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()  # Refused before the workdir, data or compilation.

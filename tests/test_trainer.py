@@ -7,6 +7,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmjax import configs
@@ -16,6 +17,7 @@ from mmjax.data import pipeline
 from mmjax.tasks import base
 from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
+from mmjax.train import optim
 from mmjax.train import sharding
 from mmjax.train import trainer
 
@@ -242,3 +244,35 @@ def test_the_step_flops_are_per_device():
   # The batch-proportional work splits over 4 devices; the update of the replicated
   # parameters does not, so each device does more than a quarter of one device's FLOPs.
   assert flops[0] / 4 < flops[1] < flops[0]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_a_flat_optimizer_makes_the_same_updates(name):
+  """config.optimizer.flatten: clipping and moments over one vector; weight decay by its
+  mask and frozen leaves as without it, the parameters equal after a few steps."""
+  c = configs.base_config().optimizer
+  c.update(name=name, learning_rate=0.05, warmup_steps=2, weight_decay=0.1, grad_clip_norm=0.5)
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+            "frozen": jnp.ones((2,), jnp.float32)}
+  frozen = {"w": False, "b": False, "frozen": True}
+  decay = lambda p: {"w": True, "b": False, "frozen": False}
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+           for _ in range(4)]
+
+  def run(flatten):
+    c.flatten = flatten
+    tx, _ = optim.make_optimizer(c, 10, decay, frozen)
+    p, state = params, tx.init(params)
+    for g in grads:
+      updates, state = jax.jit(tx.update)(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, state
+
+  (flat, flat_state), (tree, _) = run(True), run(False)
+  for k in params:
+    np.testing.assert_allclose(flat[k], tree[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert not np.allclose(flat["w"], params["w"]) and np.all(flat["frozen"] == 1.0)
+  moments = [x for x in jax.tree.leaves(flat_state) if x.ndim == 1 and x.size == 16]
+  assert moments, "the trained parameters' moments are one 16-element vector"

@@ -39,7 +39,8 @@ SAFE_TO_CHANGE = (
 # without one is compared as if it held this value (and so is a config without one),
 # so that those runs still restart.
 ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                "scan_layers": False, "model.dropout_rate": 0.0, "reuse_host_memory": True}
+                "scan_layers": False, "model.dropout_rate": 0.0, "reuse_host_memory": True,
+                "optimizer.flatten": False}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
@@ -90,8 +91,8 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
   keep_checkpoints >= 1, num_train_steps >= 1, global_batch_size >= 1,
   grad_accum_steps >= 1, fsdp_min_size >= 1, the learning rate finite and >= 0,
   max_loss (if set) a number, dtype and param_dtype among
-  mmjax.nn.precision.DTYPES, remat among its REMAT_CHOICES, scan_layers a bool, and
-  the dataset name.
+  mmjax.nn.precision.DTYPES, remat among its REMAT_CHOICES, scan_layers a bool,
+  optimizer.flatten only with mesh.fsdp 1, and the dataset name.
   """
   from mmjax.nn import precision  # Imports flax: only when a config is validated.
   bad = []
@@ -125,6 +126,10 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
   if "scan_layers" in config:
     need(isinstance(config.scan_layers, bool), "scan_layers", config.scan_layers,
          "True or False")
+  if opt is not None and opt.get("flatten"):
+    fsdp = (config.get("mesh") or {}).get("fsdp", 1)
+    need(fsdp == 1, "optimizer.flatten", True, f"one flat optimizer state cannot be split "
+         f"by leaf over config.mesh.fsdp={fsdp}: set optimizer.flatten=False with fsdp")
   max_loss = config.get("max_loss")
   if max_loss is not None:
     need(isinstance(max_loss, (int, float)) and not math.isnan(max_loss), "max_loss",

@@ -55,12 +55,23 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
                    weight_decay_mask: Callable | None = None, frozen=None):
   """Returns (optax transformation, schedule). `c.name` is "adam", "adamw" or "sgd".
 
+  With `c.flatten`, the clipping and the moments (Adam's, or SGD's momentum) run on
+  one vector of all trained parameters (`optax.flatten`), and the weight decay and
+  learning rate per leaf: the same update up to float rounding, in a few large
+  operations instead of several per leaf. On a CPU, where each operation costs a few
+  microseconds whatever its size, that is ~10% faster for the latent-diffusion U-Net
+  (250 leaves) and compiles faster (benchmarks/README.md). The optimizer state is then
+  one vector per moment: not with mesh.fsdp > 1 (guards.validate), and a checkpoint
+  written with one setting does not restore with the other.
+
   `weight_decay_mask(params) -> bools` picks what AdamW decays. `frozen`, a pytree of
   bools like the parameters (see `frozen_mask`), marks leaves that get no update, no
   optimizer state (no Adam moments) and no weight decay; clipping ignores them.
   """
   schedule = make_schedule(c, num_train_steps)
-  if c.name == "adam":
+  if c.get("flatten"):
+    tx = _flat_optimizer(c, schedule, weight_decay_mask)
+  elif c.name == "adam":
     tx = optax.adam(schedule, b1=c.b1, b2=c.b2)
   elif c.name == "adamw":
     tx = optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay,
@@ -69,9 +80,25 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
     tx = optax.sgd(schedule, momentum=c.b1)
   else:
     raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
-  if c.get("grad_clip_norm"):
+  if c.get("grad_clip_norm") and not c.get("flatten"):
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
   if frozen is not None and any(jax.tree.leaves(frozen)):
     labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def _flat_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
+                    weight_decay_mask: Callable | None) -> optax.GradientTransformation:
+  """`c.name`'s update with clipping and moments over one flat vector (`c.flatten`)."""
+  if c.name in ("adam", "adamw"):
+    moments = optax.scale_by_adam(b1=c.b1, b2=c.b2)
+  elif c.name == "sgd":
+    moments = optax.trace(decay=c.b1)
+  else:
+    raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
+  clip = [optax.clip_by_global_norm(c.grad_clip_norm)] if c.get("grad_clip_norm") else []
+  decay = ([optax.add_decayed_weights(c.weight_decay, weight_decay_mask)]
+           if c.name == "adamw" else [])
+  return optax.chain(optax.flatten(optax.chain(*clip, moments)), *decay,
+                     optax.scale_by_learning_rate(schedule))
