@@ -59,7 +59,7 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
   one vector of all trained parameters (`optax.flatten`), and the weight decay and
   learning rate per leaf: the same update up to float rounding, in a few large
   operations instead of several per leaf. On a CPU, where each operation costs a few
-  microseconds whatever its size, that is ~10% faster for the latent-diffusion U-Net
+  microseconds whatever its size, that is ~5% faster for the latent-diffusion U-Net
   (250 leaves) and compiles faster (benchmarks/README.md). The optimizer state is then
   one vector per moment: not with mesh.fsdp > 1 (guards.validate), and a checkpoint
   written with one setting does not restore with the other.
