@@ -276,3 +276,32 @@ def test_a_flat_optimizer_makes_the_same_updates(name):
   assert not np.allclose(flat["w"], params["w"]) and np.all(flat["frozen"] == 1.0)
   moments = [x for x in jax.tree.leaves(flat_state) if x.ndim == 1 and x.size == 16]
   assert moments, "the trained parameters' moments are one 16-element vector"
+
+
+def _flat_config(**overrides):
+  c = _config(**overrides)
+  c.optimizer.flatten = True
+  return c
+
+
+class WideTask(LinearTask):
+  """LinearTask with another shape of "b": another model."""
+
+  def init(self, rng):
+    return {"w": jnp.zeros(4), "b": jnp.zeros((8, 8))}, {}
+
+
+def test_eval_only_reads_a_checkpoint_of_the_other_optimizer_layout(tmp_path):
+  """A run written without config.optimizer.flatten evaluates with it on (and back):
+  evaluation needs the parameters, not the optimizer state."""
+  final = {False: _train(_config(num_train_steps=10), tmp_path / "tree"),
+           True: _train(_flat_config(num_train_steps=10), tmp_path / "flat")}
+  mesh = sharding.make_mesh()
+  for written, other in ((False, _flat_config(num_train_steps=10)),
+                         (True, _config(num_train_steps=10))):
+    again = trainer.evaluate_only(other, str(tmp_path / ("flat" if written else "tree")),
+                                  LinearTask(other, mesh), mesh)
+    assert again["eval/w_error"] == final[written]["eval/w_error"]
+  other = _flat_config(num_train_steps=10)
+  with pytest.raises(ValueError, match="does not fit"):  # Another model: still refused.
+    trainer.evaluate_only(other, str(tmp_path / "tree"), WideTask(other, mesh), mesh)

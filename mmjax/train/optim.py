@@ -62,7 +62,7 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
   microseconds whatever its size, that is ~5% faster for the latent-diffusion U-Net
   (250 leaves) and compiles faster (benchmarks/README.md). The optimizer state is then
   one vector per moment: not with mesh.fsdp > 1 (guards.validate), and a checkpoint
-  written with one setting does not restore with the other.
+  written with one setting does not resume with the other (--eval_only reads either).
 
   `weight_decay_mask(params) -> bools` picks what AdamW decays. `frozen`, a pytree of
   bools like the parameters (see `frozen_mask`), marks leaves that get no update, no

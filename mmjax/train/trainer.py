@@ -372,6 +372,25 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   return written
 
 
+def _params_of_run(workdir: str, state: TrainState, error: Exception):
+  """(state with `workdir`'s latest parameters and extras, its step): for a checkpoint
+  whose optimizer state has another layout than `state`'s (written with another
+  `config.optimizer.flatten` or optimizer), which evaluation does not need. Raises
+  `error` if the parameters or extras differ too, or over several processes."""
+  shapes = lambda tree: [(jax.tree_util.keystr(k), tuple(x.shape))
+                         for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  if jax.process_count() > 1 or "does not fit" not in str(error):
+    raise error
+  run = checkpoints.load_run(workdir)
+  if (shapes(run.params), shapes(run.extras)) != (shapes(state.params), shapes(state.extras)):
+    raise error
+  logging.info("--eval_only: %s's optimizer state has another layout; evaluating its "
+               "parameters.", workdir)
+  place = lambda new, old: jax.device_put(new, jax.tree.map(lambda x: x.sharding, old))
+  return state.replace(params=place(run.params, state.params),
+                       extras=place(run.extras, state.extras)), run.step
+
+
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
                   mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Runs every evaluator of `config.evals` on the latest checkpoint of `workdir`.
@@ -380,7 +399,9 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
   `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events, images/), at the
   checkpoint's step. A workdir without a checkpoint is an error, except with
   `config.init_from` (pretrained weights): then the parameters are
-  `task.pretrained()`'s, with the loaded ones, evaluated as step 0. Returns the metrics.
+  `task.pretrained()`'s, with the loaded ones, evaluated as step 0. A checkpoint whose
+  optimizer state has another layout (`config.optimizer.flatten` changed) is evaluated
+  from its parameters and extras. Returns the metrics.
   """
   task.setup()
   evaluators = evals.build(config, task)
@@ -393,7 +414,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
   state, _ = create_train_state(config, task, mesh)
   step = 0
   if latest is not None:
-    state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
+    try:
+      state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
+    except ValueError as e:  # Another optimizer layout (config.optimizer.flatten)?
+      state, step = _params_of_run(workdir, state, e)
   else:
     logging.info("--eval_only: no checkpoint in %s; evaluating %s.", mngr.directory,
                  config.init_from)
