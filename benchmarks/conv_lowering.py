@@ -3,7 +3,8 @@ r"""Per-layer timings of every lowering of `mmjax.nn.conv2d`, as JSON lines.
   python benchmarks/conv_lowering.py --batch 512
   python benchmarks/conv_lowering.py --batch 128 --layers lenet.c1,lenet.c3
 
-For each convolution of LeNet-5 and SmallCNN (shapes after padding), times three
+For each convolution of LeNet-5 and SmallCNN, and the 3x3 ones of the latent-diffusion
+U-Net (shapes after padding), times three
 jitted functions for each lowering in `mmjax.nn.conv` ("shift", "band", "band<n>",
 "xla", "patches"):
 
