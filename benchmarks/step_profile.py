@@ -67,7 +67,8 @@ def op_names(hlo_text: str) -> dict:
 
 def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
   """{"wall_ms", "ops_ms", "by_direction_part": {"forward/attention": ms, ...},
-  "ops_per_step": {"forward": n, ...}} per step (n: ops started); with `top`, also the `top` most expensive ops (ms, instruction, op_name)."""
+  "ops_per_step": {"forward": n, ...}} per step (n: ops started); with `top`, also the
+  `top` most expensive ops (ms, instruction, op_name)."""
   import jax  # pylint: disable=import-outside-toplevel
   names = op_names(compiled.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:

@@ -68,6 +68,8 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
   bools like the parameters (see `frozen_mask`), marks leaves that get no update, no
   optimizer state (no Adam moments) and no weight decay; clipping ignores them.
   """
+  if c.name not in ("adam", "adamw", "sgd"):
+    raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
   schedule = make_schedule(c, num_train_steps)
   if c.get("flatten"):
     tx = _flat_optimizer(c, schedule, weight_decay_mask)
@@ -76,10 +78,8 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
   elif c.name == "adamw":
     tx = optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay,
                      mask=weight_decay_mask)
-  elif c.name == "sgd":
-    tx = optax.sgd(schedule, momentum=c.b1)
   else:
-    raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
+    tx = optax.sgd(schedule, momentum=c.b1)
   if c.get("grad_clip_norm") and not c.get("flatten"):
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
   if frozen is not None and any(jax.tree.leaves(frozen)):
@@ -91,12 +91,8 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
 def _flat_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
                     weight_decay_mask: Callable | None) -> optax.GradientTransformation:
   """`c.name`'s update with clipping and moments over one flat vector (`c.flatten`)."""
-  if c.name in ("adam", "adamw"):
-    moments = optax.scale_by_adam(b1=c.b1, b2=c.b2)
-  elif c.name == "sgd":
-    moments = optax.trace(decay=c.b1)
-  else:
-    raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
+  moments = (optax.trace(decay=c.b1) if c.name == "sgd" else
+             optax.scale_by_adam(b1=c.b1, b2=c.b2))
   clip = [optax.clip_by_global_norm(c.grad_clip_norm)] if c.get("grad_clip_norm") else []
   decay = ([optax.add_decayed_weights(c.weight_decay, weight_decay_mask)]
            if c.name == "adamw" else [])
