@@ -229,6 +229,19 @@ def test_log_rows_carry_throughput_and_mfu_and_a_profile_window(tmp_path):
   assert any(f.endswith(".xplane.pb") for f in traces), traces
 
 
+def test_the_initialisation_compiles_unoptimised_on_a_cpu_with_the_same_values():
+  config = _config()
+  mesh = sharding.make_mesh(jax.devices()[:2])
+  assert trainer.run_once_options(mesh) == {"xla_backend_optimization_level": 0}
+  task = LinearTask(config, mesh)
+  task.setup()
+  state, _ = trainer.create_train_state(config, task, mesh)
+  optimised = jax.jit(task.init)(jax.random.PRNGKey(config.seed))[0]
+  for name in ("w", "b"):  # "b": jax.random.normal, erf_inv's polynomial; last bits only.
+    np.testing.assert_allclose(state.params[name], optimised[name], rtol=1e-6, atol=1e-7)
+  assert not np.array_equal(state.params["b"], np.zeros((64, 64)))
+
+
 def test_the_step_flops_are_per_device():
   from mmjax.train import throughput
   flops = []
