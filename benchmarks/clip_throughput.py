@@ -67,10 +67,9 @@ def main():
                                                   3, 259)),
   }, mesh)
 
-  t = time.perf_counter()
-  step = trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
-  step = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
+  step, compile_s, compile_profile = compile_step(
+      args, trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state)),
+      state, batch)
   flops = throughput.step_flops(step)  # Per device.
   if args.compile_only:
     print(json.dumps({"shapes": args.shapes, "batch": args.batch, "dtype": args.dtype,
@@ -78,7 +77,7 @@ def main():
                       "accum": args.accum, "fsdp": args.fsdp, "devices": jax.device_count(),
                       "backend": jax.default_backend(), "compile_s": round(compile_s, 2),
                       "gflops_per_step_per_device": round(flops / 1e9, 2),
-                      **memory_row(step)}))
+                      **memory_row(step), **compile_profile}))
     return
   state, _ = step(state, batch)  # Warm-up.
   jax.block_until_ready(state)
@@ -104,6 +103,7 @@ def main():
       "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None,
   }
   row.update(memory_row(step))
+  row.update(compile_profile)
   profile, state = profile_row(args, step, state, batch)
   row.update(profile)
   print(json.dumps(row))
@@ -124,6 +124,20 @@ def add_scale_flags(parser):
   parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                       help="also profile STEPS steps: time per model part (step_profile.py)")
   parser.add_argument("--profile-top", type=int, default=0, help="and list the N costliest ops")
+  parser.add_argument("--compile-profile", action="store_true",
+                      help="also say where the compile time goes (step_profile.py)")
+
+
+def compile_step(args, jitted, state, batch) -> tuple[object, float, dict]:
+  """(compiled step, seconds to trace, lower and compile it, and with --compile-profile
+  {"compile_profile": step_profile.compile_breakdown(...)}, else {})."""
+  t = time.perf_counter()
+  lowered = jitted.lower(state, batch)
+  if not args.compile_profile:
+    return lowered.compile(), time.perf_counter() - t, {}
+  from benchmarks import step_profile
+  compiled, profile = step_profile.compile_breakdown(lowered)
+  return compiled, time.perf_counter() - t, {"compile_profile": profile}
 
 
 def profile_row(args, compiled, state, batch) -> tuple[dict, object]:

@@ -87,10 +87,9 @@ def main():
       "tokens": tokenizer.encode([config.prompt.format(y) for y in labels]),
   }, mesh)
 
-  t = time.perf_counter()
-  step = trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
-  step = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
+  step, compile_s, compile_profile = clip_throughput.compile_step(
+      args, trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state)),
+      state, batch)
   flops = throughput.step_flops(step)  # Per device.
   row = {"shapes": args.shapes, "batch": args.batch, "dtype": args.dtype,
          "remat": args.remat, "accum": args.accum, "fsdp": args.fsdp,
@@ -98,7 +97,8 @@ def main():
          "device_kind": jax.devices()[0].device_kind, "host_malloc": host_malloc,
          "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
-         "gflops_per_step_per_device": round(flops / 1e9, 2), **clip_throughput.memory_row(step)}
+         "gflops_per_step_per_device": round(flops / 1e9, 2), **clip_throughput.memory_row(step),
+         **compile_profile}
   if args.compile_only:
     print(json.dumps(row))
     return

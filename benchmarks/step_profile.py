@@ -12,6 +12,9 @@ the primitive): attention (projections, logits, softmax, weighted sum), mlp, nor
 
 Times are of the ops the XLA CPU runtime executed (its executor threads), per step; the
 gap to the step's wall time is dispatch and waiting.
+
+`compile_breakdown(lowered)` compiles under the profiler and says where XLA's CPU
+compile time goes (`--compile-profile` of the same two scripts).
 """
 import collections
 import glob
@@ -102,3 +105,46 @@ def breakdown(compiled, run, steps: int = 5, top: int = 0) -> dict:
     out["top_ops"] = [(round(ms, 2), op, names.get(op.removeprefix("end: "), "")[-100:])
                       for op, ms in per_op.most_common(top)]
   return out
+
+
+# XLA CPU compiler events (their names in the profiler's trace) -> the keys reported.
+COMPILE_EVENTS = (("PjRtCpuClient::Compile", "xla_compile_s"),
+                  ("HLO passes", "hlo_passes_s"),
+                  ("JitCompiler::Compile", "codegen_s"),
+                  ("ThunkEmitter::EmitEntryComputation", "emit_entry_s"),
+                  ("ThunkEmitter::ConsumeKernels", "consume_kernels_s"))
+
+
+def compile_breakdown(lowered) -> tuple[object, dict]:
+  """(compiled, {"xla_compile_s", "hlo_passes_s", "codegen_s", "kernels_compiled",
+  "emit_entry_s", "consume_kernels_s", "entry_fusions": {direction: n}}).
+
+  Seconds are wall time of the XLA CPU compiler's own trace events (those present; other
+  backends and XLA versions name theirs differently). `codegen_s` is the compilation of
+  `kernels_compiled` distinct fusions to machine code, spread over the codegen threads;
+  `entry_fusions` counts the fusions the step runs, by direction (as `breakdown`).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      compiled = lowered.compile()
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+  seconds, kernels = collections.Counter(), 0
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        kernels += event.name == "FusionCompiler::Compile"
+        for prefix, key in COMPILE_EVENTS:
+          if event.name.startswith(prefix) and not line.name.startswith("tf_xla-cpu-codegen"):
+            seconds[key] += event.duration_ns / 1e9
+  text = compiled.as_text()
+  names = op_names(text)
+  entry = text[text.index("\nENTRY"):]
+  fusions = collections.Counter(
+      _direction(names.get(m.group(1), "unlabelled/"))
+      for m in re.finditer(r"\n\s+(?:ROOT )?%?([\w.\-]+) = [^\n]*? fusion\(",
+                           entry[:entry.find("\n}")]))
+  out = {key: round(seconds[key], 2) for _, key in COMPILE_EVENTS if key in seconds}
+  out.update(kernels_compiled=kernels, entry_fusions=dict(fusions.most_common()))
+  return compiled, out
