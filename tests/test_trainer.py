@@ -259,6 +259,23 @@ def test_the_step_flops_are_per_device():
   assert flops[0] / 4 < flops[1] < flops[0]
 
 
+def test_learning_rate_schedules_warm_up_then_decay_or_hold():
+  c = configs.base_config().optimizer
+  c.learning_rate, c.warmup_steps, c.end_factor = 0.1, 10, 0.0
+  for name, expected in (("cosine", [0.0, 0.05, 0.1, 0.05, 0.0]),
+                         ("constant", [0.0, 0.05, 0.1, 0.1, 0.1])):
+    c.schedule = name
+    schedule = optim.make_schedule(c, 110)
+    got = [float(schedule(step)) for step in (0, 5, 10, 60, 110)]  # Eager, as on the host.
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    jitted = jax.jit(schedule)
+    np.testing.assert_allclose([float(jitted(jnp.int32(s))) for s in (0, 5, 10, 60, 110)],
+                               expected, atol=1e-7)
+  c.schedule = "linear"
+  with pytest.raises(ValueError, match="'cosine' or 'constant'"):
+    optim.make_schedule(c, 110)
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_a_flat_optimizer_makes_the_same_updates(name):
   """config.optimizer.flatten: clipping and moments over one vector; weight decay by its
