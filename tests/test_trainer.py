@@ -177,6 +177,33 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(r["train/loss"]) for r in rows)
 
 
+class BadGradientTask(LinearTask):
+  """LinearTask whose loss is finite but whose gradient for "w" is `self.bad` everywhere."""
+  bad = float("nan")
+
+  def loss(self, params, extras, batch, rng):
+    @jax.custom_vjp
+    def zero(w):
+      return jnp.zeros((), w.dtype)
+
+    zero.defvjp(lambda w: (zero(w), w), lambda w, g: (jnp.full_like(w, self.bad),))
+    loss, aux = super().loss(params, extras, batch, rng)
+    return loss + zero(params["w"]), aux
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name,flatten", [("adam", False), ("adamw", True), ("sgd", False),
+                                          ("sgd", True)])
+def test_a_bad_gradient_with_a_finite_loss_stops_the_run(tmp_path, bad, name, flatten):
+  # The step checks the new state, not the gradients: a bad gradient must reach it,
+  # whatever the optimizer, from the first step (learning rate 0 in the warm-up).
+  config = _config(num_train_steps=4)
+  config.optimizer.update(name=name, flatten=flatten, warmup_steps=2, grad_clip_norm=1.0)
+  task_cls = type("Bad", (BadGradientTask,), {"bad": bad})
+  with pytest.raises(FloatingPointError, match="at step 1"):
+    _train(config, tmp_path, jax.devices()[:1], task_cls)
+
+
 def test_batch_that_does_not_divide_the_devices_fails_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="multiple of 8"):
     _train(_config(global_batch_size=20), tmp_path, jax.devices()[:8])
@@ -257,6 +284,16 @@ def test_the_step_flops_are_per_device():
   # The batch-proportional work splits over 4 devices; the update of the replicated
   # parameters does not, so each device does more than a quarter of one device's FLOPs.
   assert flops[0] / 4 < flops[1] < flops[0]
+
+
+def test_the_gradient_norm_is_the_same_with_the_flat_update():
+  grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(4), "c": jnp.full((5,), -2.0)}
+  frozen = {"a": False, "b": True, "c": False}  # A frozen leaf's gradient is zero.
+  tree = optim.grad_norm(grads, optim.Optimizer(None, None, frozen, flat=False))
+  flat_opt = optim.Optimizer(None, None, frozen, flat=True)
+  flat = jax.jit(lambda g: optim.grad_norm(g, flat_opt))(grads)
+  np.testing.assert_allclose(flat, tree, rtol=1e-6)
+  np.testing.assert_allclose(tree, np.sqrt(55.0 + 20.0), rtol=1e-6)
 
 
 def test_learning_rate_schedules_warm_up_then_decay_or_hold():
