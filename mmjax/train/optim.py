@@ -34,16 +34,14 @@ def grad_norm(grads, opt: Optimizer) -> jax.Array:
 def make_schedule(c: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, then `schedule` ("cosine" or "constant")."""
   if c.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, c.learning_rate, c.warmup_steps, max(num_train_steps, c.warmup_steps + 1),
         end_value=c.learning_rate * c.get("end_factor", 0.0))
-  elif c.schedule == "constant":
-    schedule = optax.join_schedules(
+  if c.schedule == "constant":
+    return optax.join_schedules(
         [optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps),
          optax.constant_schedule(c.learning_rate)], [c.warmup_steps])
-  else:
-    raise ValueError(f"config.optimizer.schedule={c.schedule!r}: use 'cosine' or 'constant'.")
-  return schedule
+  raise ValueError(f"config.optimizer.schedule={c.schedule!r}: use 'cosine' or 'constant'.")
 
 
 def parameter_paths(params) -> list[str]:
