@@ -1,0 +1,264 @@
+"""Issue 29 (reliability, round two), input side: foreign weights files, the data
+converter, tokenizers and config values out of range. Each fault injected, its outcome
+asserted: one line (exit status != 0 where refused), nothing lost, no silent change.
+"""
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+import launch_helpers as lh
+from mmjax.interop import common
+from mmjax.interop import diffusers
+from mmjax.interop import open_clip as oc
+from mmjax.train import guards
+from mmjax.train import optim
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+CLIP = FIXTURES / "clip" / "quickgelu_p8.safetensors"
+CLIP_SPEC = json.loads((FIXTURES / "clip" / "manifest.json").read_text())["models"][
+    "quickgelu_p8"]
+VAE = FIXTURES / "vae" / "kl_small.safetensors"
+VAE_SPEC = json.loads((FIXTURES / "vae" / "manifest.json").read_text())["model"]
+
+
+def _one_line(e: BaseException, *needles: str) -> str:
+  """The message, asserted to be one line holding every needle."""
+  message = str(e)
+  assert "\n" not in message, message
+  for needle in needles:
+    assert needle in message, (needle, message)
+  return message
+
+
+# --- 8. Weights files -------------------------------------------------------------------
+
+def _clip_metadata(**changes) -> str:
+  """The metadata `export` writes for the fixture, with dotted fields changed or, for
+  the value `None`, removed."""
+  config = {k: CLIP_SPEC[k] for k in ("embed_dim", "quick_gelu", "vision_cfg", "text_cfg")}
+  config = json.loads(json.dumps(config))
+  for field, value in changes.items():
+    *parents, last = field.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if value is None:
+      del node[last]
+    else:
+      node[last] = value
+  return json.dumps(config)
+
+
+def _write(path, tensors, metadata=None):
+  st_numpy.save_file(tensors, path, metadata=metadata)
+  return path
+
+
+@pytest.fixture(scope="module")
+def clip_state():
+  return st_numpy.load_file(CLIP)
+
+
+def test_consistent_metadata_is_read(tmp_path, clip_state):
+  """The control: an entry as `export` writes it loads, and supplies heads and activation."""
+  path = _write(tmp_path / "ok.safetensors", clip_state,
+                {oc.METADATA_KEY: _clip_metadata()})
+  assert oc.read_config(path)["vision_cfg"]["head_width"] == CLIP_SPEC["vision_cfg"][
+      "head_width"]
+  model = oc.model_from_file(path)
+  assert model.activation == "quick_gelu"
+  assert model.text_heads == CLIP_SPEC["text_cfg"]["heads"]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+@pytest.mark.parametrize("reader", ["load", "model_from_file", "read_config", "load_vae"])
+def test_integer_or_boolean_tensors_are_refused(tmp_path, clip_state, dtype, reader):
+  if reader == "load_vae":
+    state, key = st_numpy.load_file(VAE), "decoder.conv_in.bias"
+  else:
+    state, key = dict(clip_state), "visual.proj"
+  state[key] = state[key].astype(dtype)
+  path = _write(tmp_path / "int.safetensors", state)
+  call = {"load": lambda: oc.load(path, quick_gelu=True),
+          "model_from_file": lambda: oc.model_from_file(path, quick_gelu=True),
+          "read_config": lambda: oc.read_config(path),
+          "load_vae": lambda: diffusers.load_vae(path)}[reader]
+  with pytest.raises(common.CheckpointError) as e:
+    call()
+  _one_line(e.value, str(path), repr(key), "not floating-point", "float32")
+
+
+def test_openai_integer_scalars_are_still_ignored(tmp_path, clip_state):
+  """OpenAI's archives carry integer context_length etc. beside the weights: not refused."""
+  state = {**clip_state, "context_length": np.array(16, np.int64),
+           "input_resolution": np.array(32, np.int64)}
+  model, params = oc.load(_write(tmp_path / "openai.safetensors", state), quick_gelu=True,
+                          **CLIP_SPEC["heads"])
+  assert model.max_text_len == 16 and "context_length" not in params
+
+
+@pytest.mark.parametrize("metadata, needles", [
+    ("{not json", ["is not JSON"]),
+    ("[1, 2]", ["is list, not a JSON object"]),
+    ("null", ["is NoneType, not a JSON object"]),
+    (_clip_metadata(quick_gelu=None), ["lacks the field 'quick_gelu'"]),
+    (_clip_metadata(**{"vision_cfg.head_width": 0}), ["vision_cfg.head_width=0, not an integer"]),
+    (_clip_metadata(**{"vision_cfg.head_width": "16"}), ["vision_cfg.head_width='16'"]),
+    (_clip_metadata(**{"text_cfg.heads": True}), ["text_cfg.heads=True"]),
+    (_clip_metadata(**{"vision_cfg.head_width": 48}), ["head_width=48, which does not divide"]),
+    (_clip_metadata(**{"text_cfg.heads": 3}), ["text_cfg.heads=3, which does not divide"]),
+    (_clip_metadata(**{"vision_cfg.mlp_ratio": float("nan")}), ["mlp_ratio=nan"]),
+    (_clip_metadata(**{"vision_cfg.image_size": 224}),
+     ["says vision_cfg.image_size=224, but the tensors' shapes give 32"]),
+    (_clip_metadata(**{"text_cfg.layers": 12}), ["says text_cfg.layers=12"]),
+    (_clip_metadata(**{"vision_cfg": 5}), ["lacks the field 'vision_cfg.head_width'"]),
+    (_clip_metadata(**{"text_cfg.mlp_ratio": 2.0}), ["MLP width of 64"]),
+])
+@pytest.mark.parametrize("reader", ["read_config", "model_from_file", "load"])
+def test_bad_or_contradicting_clip_metadata_is_one_line(tmp_path, clip_state, metadata,
+                                                          needles, reader):
+  path = _write(tmp_path / "meta.safetensors", clip_state, {oc.METADATA_KEY: metadata})
+  with pytest.raises(common.CheckpointError) as e:
+    getattr(oc, reader)(path)
+  _one_line(e.value, str(path), oc.METADATA_KEY, "Re-export the file", *needles)
+
+
+def _vae_metadata(**changes):
+  return json.dumps({**VAE_SPEC, **changes})
+
+
+@pytest.mark.parametrize("metadata, needles", [
+    ("}", ["is not JSON"]),
+    (json.dumps({"in_channels": 3}), ["lacks the field 'norm_num_groups'"]),
+    (_vae_metadata(norm_num_groups=0), ["norm_num_groups=0, not an integer >= 1"]),
+    (_vae_metadata(norm_num_groups="4"), ["norm_num_groups='4'"]),
+    (_vae_metadata(latent_channels=16), ["says latent_channels=16, but the tensors' shapes "
+                                         "give 4"]),
+    (_vae_metadata(block_out_channels=[8, 16, 16]), ["says block_out_channels=[8, 16, 16]"]),
+    (_vae_metadata(layers_per_block=True), ["says layers_per_block=True"]),
+])
+def test_bad_or_contradicting_vae_metadata_is_one_line(tmp_path, metadata, needles):
+  path = _write(tmp_path / "vae.safetensors", st_numpy.load_file(VAE),
+                {diffusers.METADATA_KEY: metadata})
+  with pytest.raises(common.CheckpointError) as e:
+    diffusers.load_vae(path)
+  _one_line(e.value, str(path), diffusers.METADATA_KEY, *needles)
+
+
+def test_vae_metadata_as_export_writes_it_gives_its_groups(tmp_path):
+  path = _write(tmp_path / "vae.safetensors", st_numpy.load_file(VAE),
+                {diffusers.METADATA_KEY: _vae_metadata()})
+  model, _ = diffusers.load_vae(path)
+  assert model.groups == VAE_SPEC["norm_num_groups"]
+  with pytest.raises(ValueError, match=r"groups=0: GroupNorm's group count"):
+    diffusers.load_vae(path, groups=0)
+
+
+@pytest.mark.parametrize("key, shape", [("visual.conv1.weight", (0, 3, 8, 8)),
+                                        ("visual.positional_embedding", (0, 64)),
+                                        ("token_embedding.weight", (1000, 0))])
+def test_zero_sized_tensors_are_a_shape_error(tmp_path, clip_state, key, shape):
+  state = {**clip_state, key: np.zeros(shape, np.float32)}
+  path = _write(tmp_path / "zero.safetensors", state)
+  with pytest.raises(common.CheckpointError) as e:
+    oc.model_from_file(path, quick_gelu=True)
+  _one_line(e.value, str(path), repr(key), f"found shape {shape}")
+
+
+def _error_lines(stderr: str) -> list[str]:
+  log = re.compile(r"^([IWE]\d{4} |WARNING: All log messages)")
+  return [line for line in stderr.splitlines() if not log.match(line)]
+
+
+def test_contradicting_metadata_through_init_from_is_one_line(tmp_path, clip_state):
+  weights = _write(tmp_path / "vit.safetensors", clip_state,
+                   {oc.METADATA_KEY: _clip_metadata(**{"vision_cfg.image_size": 224})})
+  proc = lh.run("experiments/clip_mnist.py:smoke", tmp_path / "w", f"init_from={weights}",
+                check=False, timeout=180)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = _error_lines(proc.stderr)
+  assert lines and lines[-1].startswith(f"error: {weights}: metadata "), lines[-5:]
+  assert "says vision_cfg.image_size=224, but the tensors' shapes give 32" in lines[-1]
+  assert not lh.checkpoint_steps(tmp_path / "w")
+
+
+# --- 11. Config values out of range ----------------------------------------------------
+
+def _config(**overrides):
+  from mmjax import configs  # pylint: disable=import-outside-toplevel
+  c = configs.base_config()
+  c.task = "linear"
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("optimizer.warmup_steps", -5, "config.optimizer.warmup_steps=-5 (must be an integer >= 0)"),
+    ("optimizer.grad_clip_norm", -1.0, "config.optimizer.grad_clip_norm=-1.0 (must be finite "
+                                       "and >= 0; 0 for no clipping"),
+    ("optimizer.grad_clip_norm", float("inf"), "grad_clip_norm=inf"),
+    ("optimizer.weight_decay", -0.01, "config.optimizer.weight_decay=-0.01"),
+    ("optimizer.end_factor", -0.5, "config.optimizer.end_factor=-0.5"),
+    ("optimizer.b1", 1.0, "config.optimizer.b1=1.0 (must be in [0, 1)"),
+    ("optimizer.b1", -0.1, "config.optimizer.b1=-0.1"),
+    ("optimizer.b2", 1.5, "config.optimizer.b2=1.5"),
+    ("optimizer.b2", float("nan"), "config.optimizer.b2=nan"),
+    ("frozen", ("vision/(.*",), "config.frozen pattern 'vision/(.*' is not a regular "
+                                "expression (missing ), unterminated subpattern"),
+    ("frozen", ("*",), "config.frozen pattern '*' is not a regular expression"),
+])
+def test_out_of_range_values_are_refused_in_one_line(field, value, needle):
+  with pytest.raises(guards.ConfigError) as e:
+    guards.validate(_config(**{field: value}), check_dataset=False)
+  _one_line(e.value, needle)
+
+
+def test_every_bad_value_is_named_at_once():
+  config = _config(**{"optimizer.b1": 1.0, "optimizer.weight_decay": -1.0,
+                      "frozen": ("[",)})
+  with pytest.raises(guards.ConfigError) as e:
+    guards.validate(config, check_dataset=False)
+  _one_line(e.value, "optimizer.b1=1.0", "optimizer.weight_decay=-1.0", "pattern '['")
+
+
+def test_in_range_values_pass():
+  guards.validate(_config(**{"optimizer.warmup_steps": 0, "optimizer.grad_clip_norm": 0.0,
+                             "optimizer.b1": 0.0, "optimizer.b2": 0.95,
+                             "optimizer.end_factor": 0.0, "optimizer.weight_decay": 0.0,
+                             "frozen": ("vision/.*", r"text_tower/block\d+/.*")}),
+                  check_dataset=False)
+
+
+def test_frozen_patterns_that_freeze_everything_are_refused():
+  params = {"vision": {"kernel": np.zeros(3)}, "text": {"kernel": np.zeros(3),
+                                                        "bias": np.zeros(1)}}
+  assert optim.frozen_mask(params, ("vision/.*",)) == {
+      "vision": {"kernel": True}, "text": {"kernel": False, "bias": False}}
+  for patterns in ((".*",), ("vision/.*", "text/.*")):
+    with pytest.raises(ValueError) as e:
+      optim.frozen_mask(params, patterns)
+    _one_line(e.value, "freezes all 3 parameters: nothing is left to train",
+              "top level: ['text', 'vision']")
+
+
+def test_a_frozen_set_that_freezes_everything_stops_before_the_workdir_fills(tmp_path):
+  """Through the trainer: refused where the mask is built (before compiling the step);
+  no checkpoint and no metrics are written."""
+  from test_trainer import _config as linear_config, _train  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="nothing is left to train"):
+    _train(linear_config(frozen=("w", "b")), tmp_path)
+  assert not lh.checkpoint_steps(tmp_path) and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_optimizer_values_through_launch_are_one_line(tmp_path):
+  proc = lh.run("experiments/mnist_lenet.py:smoke", tmp_path, "optimizer.b1=1.0",
+                "optimizer.grad_clip_norm=-1.0", check=False, timeout=120)
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert lines[-1].startswith("error: Bad config: ") and "optimizer.b1=1.0" in lines[-1]
+  assert "optimizer.grad_clip_norm=-1.0" in lines[-1]
+  assert not lh.checkpoint_steps(tmp_path)
