@@ -186,6 +186,95 @@ def test_contradicting_metadata_through_init_from_is_one_line(tmp_path, clip_sta
   assert not lh.checkpoint_steps(tmp_path / "w")
 
 
+# --- 10. Tokenizers ---------------------------------------------------------------------
+
+NASTY = [
+    "", " ", "\t\n\r", "\x00", "a\x00b", "\ud800", "a\udfffb", "\udbff\udc00",  # Lone
+    "\ud83d\ude00",  # and paired surrogates.
+    "\ufeffcaption", "\ufffe", "\U0010ffff", "\uffff", "\u200b\u200c\u200d",
+    "😀👍🏽👩‍👩‍👧‍👦🏳️‍🌈", "مرحبا بالعالم", "\u202eevil\u202c", "שָׁלוֹם", "e\u0301\u0301\u0301\u0301",
+    "Z̸̡̢͓̼a̵l̶g̷o̸", "ﷺ" * 40, "ǅ ß ﬃ İ", "&amp;lt;b&gt;", "<start_of_text>", "<END_OF_TEXT>",
+    "a photo of a dog", "A" * 100_000, "ab " * 30_000, "\x85\u2028\u2029", "\x7f\x1b[31m",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "１２３", "🇺🇳" * 500,
+]
+
+
+def _random_strings(n: int, seed: int = 29) -> list[str]:
+  """Strings of random code points, surrogates included, of lengths up to 300."""
+  rng = np.random.default_rng(seed)
+  return ["".join(map(chr, rng.integers(0, 0x110000, rng.integers(0, 300)))) for _ in range(n)]
+
+
+def _fixed(text: str) -> str:
+  """What the tokenizers read: surrogates paired, or U+FFFD alone."""
+  from mmjax.data import tokenizer  # pylint: disable=import-outside-toplevel
+  return tokenizer.utf8(text).decode("utf-8")
+
+
+def test_utf8_pairs_surrogates_and_replaces_lone_ones():
+  from mmjax.data import tokenizer  # pylint: disable=import-outside-toplevel
+  assert tokenizer.utf8("a\ud83d\ude00b") == "a😀b".encode("utf-8")
+  assert tokenizer.utf8("\ud800x\udfff") == "\ufffdx\ufffd".encode("utf-8")
+  assert tokenizer.utf8("plain é") == "plain é".encode("utf-8")
+
+
+@pytest.mark.parametrize("max_len", [3, 16, 300])
+def test_byte_tokenizer_takes_any_string(max_len):
+  from mmjax.data import tokenizer  # pylint: disable=import-outside-toplevel
+  tok = tokenizer.ByteTokenizer(max_len)
+  texts = NASTY + _random_strings(200)
+  out = tok.encode(texts)
+  assert out.shape == (len(texts), max_len) and out.dtype == np.int32
+  assert np.all(out[:, 0] == tokenizer.BOS) and np.all((0 <= out) & (out < tok.vocab_size))
+  for text, row, back in zip(texts, out, tok.decode(out)):
+    eos = list(row).index(tokenizer.EOS)  # There, once, and only padding after it.
+    assert np.all(row[eos + 1:] == tokenizer.PAD)
+    if len(tokenizer.utf8(text)) <= max_len - 2:
+      assert back == _fixed(text)  # Whole: the text back, surrogates as read.
+    else:
+      assert eos == max_len - 1
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+  from mmjax.data import bpe  # pylint: disable=import-outside-toplevel
+  return bpe.ClipTokenizer(FIXTURES / "clip" / "bpe_simple_vocab_16e6.txt.gz",
+                           context_length=16)
+
+
+def test_clip_tokenizer_takes_any_string(clip_tokenizer):
+  tok = clip_tokenizer
+  texts = NASTY + _random_strings(200)
+  out = tok.encode(texts)
+  assert out.shape == (len(texts), 16) and out.dtype == np.int32
+  assert np.all(out[:, 0] == tok.sot_id) and np.all((0 <= out) & (out < tok.vocab_size))
+  for row in out:
+    ends = np.flatnonzero(row == tok.eot_id)
+    assert len(ends) >= 1 and np.all(row[ends[-1] + 1:] == 0)
+  assert tok.decode(tok.encode(["a photo of a dog"])) == ["a photo of a dog"]
+  # A lone surrogate reads as U+FFFD; a pair as its character.
+  assert tok.ids("\ud800") == tok.ids("\ufffd")
+  assert tok.ids("\ud83d\ude00") == tok.ids("😀")
+
+
+def test_clip_tokenizer_cache_is_bounded_and_changes_nothing(clip_tokenizer):
+  from mmjax.data import bpe  # pylint: disable=import-outside-toplevel
+  small = bpe.ClipTokenizer(FIXTURES / "clip" / "bpe_simple_vocab_16e6.txt.gz",
+                            context_length=16, cache_size=8)
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyzäöü"), rng.integers(1, 12)))
+           for _ in range(2000)]
+  texts = [" ".join(words[i:i + 5]) for i in range(0, len(words), 5)] + NASTY
+  for text in texts:  # One at a time, as a long run's batches would.
+    assert small.ids(text) == clip_tokenizer.ids(text)
+  assert small._cached_ids.cache_info().currsize <= 8
+  assert clip_tokenizer._cached_ids.cache_info().currsize <= clip_tokenizer.cache_size
+  long_word = "x" * 100_000
+  before = clip_tokenizer._cached_ids.cache_info().currsize
+  clip_tokenizer.ids(long_word + "y")
+  assert clip_tokenizer._cached_ids.cache_info().currsize == before  # Not kept at all.
+
+
 # --- 11. Config values out of range ----------------------------------------------------
 
 def _config(**overrides):
