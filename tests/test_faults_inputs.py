@@ -2,15 +2,20 @@
 converter, tokenizers and config values out of range. Each fault injected, its outcome
 asserted: one line (exit status != 0 where refused), nothing lost, no silent change.
 """
+import codecs
+import io
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
 import launch_helpers as lh
+import test_trainer
 from mmjax.interop import common
 from mmjax.interop import diffusers
 from mmjax.interop import open_clip as oc
@@ -186,6 +191,219 @@ def test_contradicting_metadata_through_init_from_is_one_line(tmp_path, clip_sta
   assert not lh.checkpoint_steps(tmp_path / "w")
 
 
+# --- 9. The data converter -------------------------------------------------------------
+
+def _png(array, **save) -> bytes:
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  PIL.Image.fromarray(array).save(buf, format="PNG", **save)
+  return buf.getvalue()
+
+
+def test_16_bit_greyscale_keeps_its_levels():
+  from mmjax.data import make_dataset  # pylint: disable=import-outside-toplevel
+  ramp8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # 64 x 64, 0 .. 252.
+  ramp16 = ramp8.astype(np.uint16) * 257  # The same levels in 16 bits.
+  wide = make_dataset.decode_image(_png(ramp16), 64)
+  narrow = make_dataset.decode_image(_png(ramp8), 64)
+  assert wide.shape == (64, 64, 3) and wide.dtype == np.uint8
+  assert np.array_equal(wide, narrow)  # Not all white (255), as PIL's convert gives.
+  dark = make_dataset.decode_image(_png(np.full((8, 8), 1000, np.uint16)), 8)
+  assert np.all(dark == 4)  # round(1000 / 257)
+
+
+def test_exif_orientation_is_applied():
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  from mmjax.data import make_dataset  # pylint: disable=import-outside-toplevel
+  upright = np.zeros((40, 20, 3), np.uint8)  # Tall: red on top, blue below.
+  upright[:20, :, 0] = 255
+  upright[20:, :, 2] = 255
+  stored = np.ascontiguousarray(np.rot90(upright, k=1))  # Wide, as a sideways camera writes.
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # "Rotate 90 degrees clockwise to display."
+  got = make_dataset.decode_image(_png(stored, exif=exif), 20)
+  want = make_dataset.decode_image(_png(upright), 20)
+  assert np.array_equal(got, want)
+  assert not np.array_equal(got, make_dataset.decode_image(_png(stored), 20))
+
+
+def _folder(tmp_path, captions_name, content: bytes, images=("a.png", "b.png", "c.png")):
+  folder = tmp_path / "in"
+  folder.mkdir(parents=True)
+  for i, name in enumerate(images):
+    (folder / name).write_bytes(_png(np.full((8, 8, 3), 30 * i, np.uint8)))
+  (folder / captions_name).write_bytes(content)
+  return folder
+
+
+def _read(folder):
+  from mmjax.data import make_dataset  # pylint: disable=import-outside-toplevel
+  lines = []
+  skipped = make_dataset.Skipped(lambda key, reason: lines.append(f"{key}: {reason}"))
+  rows = [(key, data is not None, caption)
+          for key, data, caption in make_dataset._folder_pairs(str(folder), skipped)]
+  return rows, dict(skipped.counts), lines
+
+
+def test_tsv_in_another_encoding_skips_only_its_bad_lines(tmp_path):
+  content = ("file\tcaption\n" "a.png\tplain\n" "b.png\tcaf\u00e9 cr\u00e8me\n"
+             "c.png\tna\u00efve\r\n").encode("utf-8")
+  content = content.replace("na\u00efve".encode("utf-8"), "na\u00efve".encode("latin-1"))
+  rows, counts, lines = _read(_folder(tmp_path, "captions.tsv", content))
+  assert rows == [("a.png", True, "plain"), ("b.png", True, "caf\u00e9 cr\u00e8me")]
+  assert counts == {"captions line not UTF-8": 1}
+  assert lines == ["captions.tsv line 4: captions line not UTF-8 (invalid continuation byte "
+                   "at byte 8; save the file as UTF-8)"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_byte_order_mark_is_read_not_kept(tmp_path, encoding):
+  content = "file\tcaption\na.png\tun caf\u00e9\n".encode(encoding)
+  rows, counts, _ = _read(_folder(tmp_path, "captions.tsv", content))
+  assert rows == [("a.png", True, "un caf\u00e9")] and counts == {}  # The header is a header.
+  jsonl = '{"image": "b.png", "caption": "x"}\n'.encode(encoding)
+  rows, counts, _ = _read(_folder(tmp_path / "j", "captions.jsonl", jsonl))
+  assert rows == [("b.png", True, "x")] and counts == {}
+
+
+def test_bad_jsonl_lines_are_skipped_each_with_its_reason(tmp_path):
+  content = "\n".join([
+      '{"image": "a.png", "caption": "first"}',
+      '{"image": "b.png", "caption": ',  # Torn.
+      '[{"image": "b.png", "caption": "in a list"}, 7]',
+      '"just a string"',
+      '{"image": 5, "caption": "x"}',
+      '{"image": "c.png", "caption": ["not", "text"]}',
+      '{"file_name": "c.png", "text": "other names"}',
+      '{"image": "c.png", "caption": null}',
+  ]).encode()
+  rows, counts, lines = _read(_folder(tmp_path, "captions.jsonl", content))
+  assert rows == [("a.png", True, "first"), ("b.png", True, "in a list"),
+                  ("c.png", True, "other names"), ("c.png", True, "")]
+  assert counts == {"captions line not JSON": 1, "captions entry not a JSON object": 2,
+                    "captions entry without an image path": 1, "caption not text": 1}
+  assert [line.split(":")[0] for line in lines] == [
+      "captions.jsonl line 2", "captions.jsonl line 3 item 2", "captions.jsonl line 4",
+      "captions.jsonl line 5", "captions.jsonl line 6"]
+
+
+def test_a_json_array_file_is_read_whole(tmp_path):
+  content = json.dumps([{"image": "a.png", "caption": "one"},
+                        {"image": "b.png", "caption": "two"}], indent=2).encode()
+  rows, counts, _ = _read(_folder(tmp_path, "captions.jsonl", content))
+  assert rows == [("a.png", True, "one"), ("b.png", True, "two")] and counts == {}
+
+
+def test_paths_outside_the_folder_are_refused(tmp_path):
+  secret = tmp_path / "secret.png"
+  secret.write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+  folder = _folder(tmp_path, "captions.tsv", b"")
+  (folder / "sub").mkdir()
+  (folder / "escape.png").symlink_to(secret)  # A link out of the folder.
+  (folder / "sub" / "inside.png").symlink_to(folder / "a.png")  # A link within it.
+  (folder / "up").symlink_to(tmp_path)  # A linked folder out of it.
+  names = ["a.png", "../secret.png", str(secret), "sub/../a.png", "escape.png",
+           "sub/inside.png", "up/secret.png", "sub/../../secret.png", "a\x00.png"]
+  (folder / "captions.tsv").write_text("".join(f"{n}\tcap {i}\n" for i, n in enumerate(names)))
+  rows, counts, lines = _read(folder)
+  assert rows == [("a.png", True, "cap 0"), ("sub/../a.png", True, "cap 3"),
+                  ("sub/inside.png", True, "cap 5")]
+  assert counts == {"image path refused": 6}
+  assert len(lines) == 6 and all("captions.tsv line" in line for line in lines)
+  assert sum("outside the input folder" in line for line in lines) == 4
+  assert sum("absolute path" in line for line in lines) == 1
+  assert sum("NUL" in line for line in lines) == 1
+
+
+def test_unreadable_shards_and_non_utf8_captions_are_skipped(tmp_path):
+  import tarfile  # pylint: disable=import-outside-toplevel
+  from mmjax.data import make_dataset  # pylint: disable=import-outside-toplevel
+  good = tmp_path / "good.tar"
+  with tarfile.open(good, "w") as tar:
+    for key, caption in (("k1", "caf\u00e9".encode()), ("k2", "caf\u00e9".encode("latin-1")),
+                         ("k3", "\ufeffbom".encode())):
+      for ext, data in ((".png", _png(np.zeros((8, 8, 3), np.uint8))), (".txt", caption)):
+        info = tarfile.TarInfo(key + ext)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  torn = tmp_path / "torn.tar"
+  torn.write_bytes(good.read_bytes()[:1500])
+  lines = []
+  skipped = make_dataset.Skipped(lambda key, reason: lines.append(f"{key}: {reason}"))
+  pairs = list(make_dataset._shard_pairs([str(good), str(torn)], skipped))
+  assert [(k, c) for k, _, c in pairs] == [("good.tar:k1", "caf\u00e9"), ("good.tar:k3", "bom")]
+  assert skipped.counts["caption not UTF-8"] == 1
+  assert skipped.counts["unreadable tar shard"] == 1
+  assert any(line.startswith(f"{torn}: unreadable tar shard") for line in lines)
+
+
+def _convert_cli(folder, out, *extra):
+  return subprocess.run(
+      [sys.executable, "-m", "mmjax.data.make_dataset", f"--input={folder}",
+       f"--output_dir={out}", "--name=mine", "--val_fraction=0.5", "--image_size=8", *extra],
+      cwd=lh.REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_conversion_into_an_existing_output_is_one_line(tmp_path, prepared):
+  folder = _folder(tmp_path, "captions.tsv", b"a.png\tone\nb.png\ttwo\n")
+  target = tmp_path / "out" / "mine"
+  (target / "1.0.0").mkdir(parents=True)
+  (target / "1.0.0" / ("dataset_info.json" if prepared else "notes.txt")).write_text("{}")
+  proc = _convert_cli(folder, tmp_path / "out")
+  assert proc.returncode == 1 and proc.stdout == ""
+  message = (f"{target / '1.0.0'} already holds a prepared dataset: add --overwrite to "
+             "replace it (once the new one is complete), or choose another --name or "
+             "--output_dir." if prepared else
+             f"{target} exists but holds no prepared dataset: remove it, or add --overwrite "
+             "to replace it.")
+  assert proc.stderr.splitlines() == [f"error: {message}"]
+  assert [p.name for p in (target / "1.0.0").iterdir()] == [
+      "dataset_info.json" if prepared else "notes.txt"]
+
+
+@pytest.mark.slow  # Two conversions through TensorFlow (tens of seconds on 2 cores).
+def test_conversion_keeps_the_valid_and_never_replaces_silently(tmp_path):
+  """One folder with a bit of everything: the valid pairs (an image with two captions
+  among them) are converted, each skipped item is one printed line; a second conversion
+  into the same place is refused in one line and leaves the dataset as it was;
+  --overwrite replaces it."""
+  images = tuple(f"{i}.png" for i in range(8))
+  rows = [f"{n}\tcaption {i}" for i, n in enumerate(images)]
+  rows += ["0.png\tanother caption of 0", "../x.png\tescape", "nope.png\tmissing",
+           "1.png\t   "]
+  folder = _folder(tmp_path, "captions.tsv",
+                   codecs.BOM_UTF8 + ("\n".join(rows) + "\n").encode() + b"7.png\t\xff\n",
+                   images=images)
+  out = tmp_path / "out"
+  first = _convert_cli(folder, out)
+  assert first.returncode == 0, first.stderr[-3000:]
+  skips = [line for line in first.stdout.splitlines() if line.startswith("skipped ")]
+  assert len(skips) == 4, first.stdout
+  report = json.loads((out / "mine" / "conversion_report.json").read_text())
+  assert sum(report["splits"].values()) == 9  # 8 images, one of them twice.
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  keys = sorted(ex["key"].decode() for split in ("train", "validation")
+                for ex in tfds.data_source("mine", data_dir=str(out), split=split))
+  assert keys == sorted(list(images) + ["0.png#2"])
+  before = {p: p.read_bytes() for p in (out / "mine").rglob("*") if p.is_file()}
+
+  again = _convert_cli(folder, out)
+  assert again.returncode == 1
+  assert again.stderr.strip().splitlines() == [
+      f"error: {out / 'mine' / '1.0.0'} already holds a prepared dataset: add --overwrite to "
+      "replace it (once the new one is complete), or choose another --name or --output_dir."]
+  assert {p: p.read_bytes() for p in (out / "mine").rglob("*") if p.is_file()} == before
+
+  (folder / "captions.tsv").write_text("0.png\tzero\n1.png\tone\n2.png\ttwo\n3.png\tthree\n")
+  replaced = _convert_cli(folder, out, "--overwrite")
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+  assert "Skipped nothing." in replaced.stdout
+  total = sum(len(tfds.data_source("mine", data_dir=str(out), split=split))
+              for split in ("train", "validation"))
+  assert total == 4 and [p.name for p in out.iterdir()] == ["mine"]  # No staging left.
+
+
 # --- 10. Tokenizers ---------------------------------------------------------------------
 
 NASTY = [
@@ -337,9 +555,8 @@ def test_frozen_patterns_that_freeze_everything_are_refused():
 def test_a_frozen_set_that_freezes_everything_stops_before_the_workdir_fills(tmp_path):
   """Through the trainer: refused where the mask is built (before compiling the step);
   no checkpoint and no metrics are written."""
-  from test_trainer import _config as linear_config, _train  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="nothing is left to train"):
-    _train(linear_config(frozen=("w", "b")), tmp_path)
+    test_trainer._train(test_trainer._config(frozen=("w", "b")), tmp_path)
   assert not lh.checkpoint_steps(tmp_path) and not (tmp_path / "metrics.jsonl").exists()
 
 
