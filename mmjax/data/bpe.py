@@ -10,17 +10,25 @@ whitespace collapsed, lower-cased), split with CLIP's regular expression, and ea
 UTF-8 bytes are merged by the BPE model of the `tokenizers` library (end-of-word suffix
 "</w>"). Each row is <start_of_text>, the ids, <end_of_text>, then zeros; rows too long are
 cut to `context_length` with <end_of_text> last.
+
+Any Python string is accepted (surrogates as `tokenizer.utf8` writes them). The ids of
+recent words are cached, at most `cache_size` of them (least recently used first out),
+and no word longer than `_LONGEST_CACHED` characters.
 """
+import functools
 import gzip
 import html
 import os
 
 import numpy as np
 
+from mmjax.data import tokenizer
+
 # The merges that the vocabulary uses: lines 1 .. 48894 of the file (line 0 is a header).
 _NUM_MERGES = 49152 - 256 - 2
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 _PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+_LONGEST_CACHED = 64  # Characters: longer words are merged afresh each time.
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,9 +58,11 @@ class ClipTokenizer:
   Args:
     vocab_path: CLIP's merges file, `bpe_simple_vocab_16e6.txt.gz` (gzip or plain text).
     context_length: row length; 77 for every OpenAI and open_clip CLIP.
+    cache_size: how many words' ids are kept (the least recently used go first).
   """
 
-  def __init__(self, vocab_path: str | os.PathLike, context_length: int = 77):
+  def __init__(self, vocab_path: str | os.PathLike, context_length: int = 77,
+               cache_size: int = 1 << 16):
     import regex  # pylint: disable=import-outside-toplevel
     from tokenizers import models  # pylint: disable=import-outside-toplevel
     if context_length < 2:
@@ -85,14 +95,26 @@ class ClipTokenizer:
     self._bpe = models.BPE({t: i for t, i in self.encoder.items() if t not in SPECIAL_TOKENS},
                            merges, end_of_word_suffix="</w>")
     self._pattern = regex.compile("|".join(SPECIAL_TOKENS) + "|" + _PATTERN, regex.IGNORECASE)
-    self._cache = {t: [self.encoder[t]] for t in SPECIAL_TOKENS}
+    self._special = {t: (self.encoder[t],) for t in SPECIAL_TOKENS}
+    self.cache_size = cache_size
+    self._cached_ids = functools.lru_cache(maxsize=cache_size)(self._merge)
 
-  def _word_ids(self, word: str) -> list[int]:
-    ids = self._cache.get(word)
-    if ids is None:
-      chars = "".join(self._byte_encoder[b] for b in word.encode("utf-8"))
-      ids = self._cache[word] = [t.id for t in self._bpe.tokenize(chars)]
-    return ids
+  def __getstate__(self):  # Pickled (e.g. for data workers) without the cache.
+    return {k: v for k, v in self.__dict__.items() if k != "_cached_ids"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._cached_ids = functools.lru_cache(maxsize=self.cache_size)(self._merge)
+
+  def _merge(self, word: str) -> tuple[int, ...]:
+    chars = "".join(self._byte_encoder[b] for b in tokenizer.utf8(word))
+    return tuple(t.id for t in self._bpe.tokenize(chars))
+
+  def _word_ids(self, word: str) -> tuple[int, ...]:
+    ids = self._special.get(word)
+    if ids is not None:
+      return ids
+    return self._cached_ids(word) if len(word) <= _LONGEST_CACHED else self._merge(word)
 
   def ids(self, text: str) -> list[int]:
     """One text -> its BPE ids, without the start and end tokens and not truncated."""

@@ -1,9 +1,22 @@
-"""A byte-level tokenizer: UTF-8 bytes plus PAD/BOS/EOS ids. Nothing to download."""
+"""A byte-level tokenizer: UTF-8 bytes plus PAD/BOS/EOS ids. Nothing to download.
+
+Any Python string is accepted: surrogate code points, which UTF-8 cannot hold, are
+joined where two form a pair and become U+FFFD (the replacement character) alone.
+"""
 import numpy as np
 
 PAD, BOS, EOS = 0, 1, 2
 _OFFSET = 3
 VOCAB_SIZE = 256 + _OFFSET
+
+
+def utf8(text: str) -> bytes:
+  """`text` as UTF-8; a surrogate pair as its character, a lone surrogate as U+FFFD."""
+  try:
+    return text.encode("utf-8")
+  except UnicodeEncodeError:  # Surrogates: Python strings may hold them, UTF-8 cannot.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode(
+        "utf-8")
 
 
 class ByteTokenizer:
@@ -21,7 +34,7 @@ class ByteTokenizer:
   def encode(self, texts: list[str]) -> np.ndarray:
     out = np.full((len(texts), self.max_len), PAD, np.int32)
     for i, text in enumerate(texts):
-      ids = np.frombuffer(text.encode("utf-8")[:self.max_len - 2], np.uint8).astype(np.int32)
+      ids = np.frombuffer(utf8(text)[:self.max_len - 2], np.uint8).astype(np.int32)
       out[i, 0] = BOS
       out[i, 1:1 + len(ids)] = ids + _OFFSET
       out[i, 1 + len(ids)] = EOS

@@ -1,4 +1,13 @@
-"""What the checkpoint converters share: reading safetensors with NumPy, shape checks."""
+"""What the checkpoint converters share: reading safetensors with NumPy, shape checks.
+
+Every loader reads its file with `read_safetensors` (a readable file of floating-point
+tensors) and, where an exporter wrote a config into the file's metadata, parses it
+with `metadata_config` (a JSON object of the fields and kinds the loader needs, agreeing
+with what the tensors' shapes give). Both raise CheckpointError: one line naming the
+file and what to change.
+"""
+import json
+import math
 import os
 import re
 
@@ -21,10 +30,20 @@ def mismatch(path, key, expected, found, hint="") -> CheckpointError:
                          + (" " + hint if hint else ""))
 
 
-def read_safetensors(path: str | os.PathLike, keys: bool = True) -> tuple[dict, dict]:
+# safetensors dtype names that NumPy holds as floating point.
+FLOAT_DTYPES = ("F16", "F32", "F64")
+
+
+def read_safetensors(path: str | os.PathLike, keys: bool = True,
+                     ignore: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """A safetensors file -> ({key: np.ndarray}, metadata); with keys=False only the shapes.
 
-  A "module." prefix on every key (a data-parallel save) is removed.
+  Every tensor must be floating point (float16, float32 or float64): an integer or
+  boolean tensor would be cast to the parameters' dtype without a word, and bfloat16
+  has no NumPy dtype. `ignore`: keys dropped unread, whatever their dtype (buffers
+  such as OpenAI's integer "context_length"). A "module." prefix on every key (a
+  data-parallel save) is removed. Raises CheckpointError (one line) for a missing
+  file, one that is not safetensors, or a tensor of another dtype.
   """
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
@@ -35,13 +54,18 @@ def read_safetensors(path: str | os.PathLike, keys: bool = True) -> tuple[dict, 
       metadata = f.metadata() or {}
       out = {}
       for name in f.keys():
-        if keys:
-          if f.get_slice(name).get_dtype() == "BF16":
-            raise CheckpointError(f"{path}: {name!r} is bfloat16, which NumPy cannot hold; save "
-                                  "the state dict as float32 or float16.")
-          out[name] = f.get_tensor(name)
-        else:
-          out[name] = tuple(f.get_slice(name).get_shape())
+        if name.removeprefix("module.") in ignore:
+          continue
+        tensor = f.get_slice(name)
+        dtype = tensor.get_dtype()
+        if dtype == "BF16":
+          raise CheckpointError(f"{path}: {name!r} is bfloat16, which NumPy cannot hold; save "
+                                "the state dict as float32 or float16.")
+        if dtype not in FLOAT_DTYPES:
+          raise CheckpointError(
+              f"{path}: {name!r} holds {dtype} values, not floating-point weights: save the "
+              "state dict with float32 or float16 tensors only (is this a weights file?).")
+        out[name] = f.get_tensor(name) if keys else tuple(tensor.get_shape())
   except CheckpointError:
     raise
   except Exception as e:  # safetensors raises its own error type for a corrupt file.
@@ -53,10 +77,108 @@ def read_safetensors(path: str | os.PathLike, keys: bool = True) -> tuple[dict, 
   return out, metadata
 
 
+MISSING = object()  # What `lookup` returns for an absent field.
+_KINDS = {bool: "true or false", int: "an integer >= 1", float: "a finite number > 0",
+          "ints": "a non-empty list of integers >= 1", str: "a string"}
+
+
+def _has_kind(value, kind) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+  if kind is float:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+  if kind == "ints":
+    return isinstance(value, list) and bool(value) and all(_has_kind(v, int) for v in value)
+  if kind is str:
+    return isinstance(value, str)
+  raise ValueError(f"unknown kind {kind!r}: use one of {list(_KINDS)}")
+
+
+def _same(a, b) -> bool:
+  """JSON values equal, True not 1 and lists compared element by element."""
+  if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+    return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b)))
+  if isinstance(a, bool) or isinstance(b, bool):
+    return type(a) is type(b) and a == b
+  return a == b
+
+
+def lookup(config: dict, field: str):
+  """config["a"]["b"] for field "a.b"; `MISSING` if any part is absent or not an object."""
+  node = config
+  for part in field.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return MISSING
+    node = node[part]
+  return node
+
+
+
+def metadata_error(path, key: str, what: str) -> CheckpointError:
+  """One line: the file, its metadata entry, what is wrong with it and what to change."""
+  return CheckpointError(
+      f"{path}: metadata {key!r} {what}. Re-export the file with mmjax (its export writes "
+      "a consistent entry), or save its tensors again without metadata "
+      "(safetensors.numpy.save_file(safetensors.numpy.load_file(path), path)).")
+
+
+def metadata_config(path, metadata: dict, key: str, *, required: dict | None = None,
+                    optional: dict | None = None, inferred: dict | None = None
+                    ) -> dict | None:
+  """The config an exporter wrote as JSON under metadata[key], checked; None without one.
+
+  Args:
+    path: the weights file (for the message).
+    metadata: the file's metadata ({str: str}, as `read_safetensors` returns it).
+    key: the metadata entry, e.g. "mmjax.open_clip_config".
+    required: {dotted field ("vision_cfg.width"): kind}: each must be there with its
+      kind. Kinds: int (an integer >= 1), float (a finite number > 0), bool, str,
+      "ints" (a non-empty list of integers >= 1).
+    optional: the same for fields that may be absent.
+    inferred: {dotted field: value} that the tensors' shapes give: where the entry has
+      the field, its value must be equal (True is not 1; lists element by element).
+
+  Returns:
+    The parsed JSON object, or None if the metadata has no `key`.
+
+  Raises:
+    CheckpointError (one line naming the file, the entry, the field and what to change)
+    if the entry is not JSON, not an object, lacks a required field, has one of another
+    kind, or contradicts the shapes.
+  """
+  if key not in metadata:
+    return None
+  try:
+    saved = json.loads(metadata[key])
+  except (TypeError, ValueError) as e:
+    raise metadata_error(path, key, f"is not JSON ({e})") from e
+  if not isinstance(saved, dict):
+    raise metadata_error(path, key, f"is {type(saved).__name__}, not a JSON object")
+  for fields, must in ((required or {}, True), (optional or {}, False)):
+    for field, kind in fields.items():
+      value = lookup(saved, field)
+      if value is MISSING:
+        if must:
+          raise metadata_error(path, key, f"lacks the field {field!r} ({_KINDS[kind]})")
+      elif not _has_kind(value, kind):
+        raise metadata_error(path, key, f"has {field}={value!r}, not {_KINDS[kind]}")
+  for field, value in (inferred or {}).items():
+    said = lookup(saved, field)
+    if said is not MISSING and not _same(said, value):
+      raise metadata_error(path, key, f"says {field}={said!r}, but the tensors' shapes give "
+                           f"{value!r}")
+  return saved
+
+
 def need(shapes: dict, key: str, rank: int, pattern: tuple, path: str, what: str) -> tuple:
-  """The shape of `key`, which must be there with `rank` dimensions (else CheckpointError)."""
+  """The shape of `key`, which must be there with `rank` dimensions, none of them 0 (else
+  CheckpointError)."""
   s = shapes.get(key)
-  if s is None or len(s) != rank:
+  if s is None or len(s) != rank or 0 in s:
     raise mismatch(path, key, pattern, s, f"Is this {what}? Its keys begin {sorted(shapes)[:3]}.")
   return s
 

@@ -15,6 +15,8 @@ Attention weights under diffusers' older names (query, key, value, proj_attn) an
 1x1 convolutions are read too. Not covered: the original CompVis/LDM key names
 ("encoder.down.0.block.0..."; convert them with diffusers first), VAEs without quant
 convs or mid-block attention in only one of encoder and decoder, and video/3-D VAEs.
+Tensors that are not floating point, and metadata that is malformed or contradicts
+the shapes, raise CheckpointError.
 """
 import json
 import os
@@ -211,9 +213,13 @@ def load_vae(path: str | os.PathLike, *, groups: int | None = None, dtype=np.flo
   state, metadata = read_state_dict(path)
   config = infer_config(state, path)
   check_shapes(state, config, path)
+  saved = common.metadata_config(path, metadata, METADATA_KEY,
+                                 required={"norm_num_groups": int}, inferred=config)
   if groups is None:
-    groups = json.loads(metadata[METADATA_KEY])["norm_num_groups"] if METADATA_KEY in metadata \
-        else 32
+    groups = 32 if saved is None else saved["norm_num_groups"]
+  elif isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"groups={groups!r}: GroupNorm's group count, an integer >= 1 (the "
+                     "config's norm_num_groups, 32 in diffusers' VAEs).")
   model = autoencoder.AutoencoderKL(**model_kwargs(config, groups))
   return model, to_params(state, config, dtype)
 

@@ -20,7 +20,9 @@ prefix. Not covered: ResNet image towers, timm or Hugging Face towers, attention
 configs whose pooling is not in the shapes (CLIPA's average pooling, the "worldwide"
 models' text pooled at a tokenizer's EOS id): those load, but give other embeddings.
 A file that is not such a state dict, or whose shapes disagree, raises CheckpointError
-naming the first key that differs with the shape expected and the shape found.
+naming the first key that differs with the shape expected and the shape found; so does
+a tensor that is not floating point, and metadata that is malformed or contradicts the
+shapes (the shapes decide the sizes; the metadata only adds what they cannot say).
 """
 import json
 import os
@@ -42,9 +44,8 @@ def read_state_dict(path: str | os.PathLike, keys: bool = True) -> tuple[dict, d
   The "module." prefix of a data-parallel save is removed, and so is "text." of
   open_clip's CustomTextCLIP layout; OpenAI's scalar entries are dropped.
   """
-  out, metadata = common.read_safetensors(path, keys)
-  out = {k[len("text."):] if k.startswith("text.") else k: v for k, v in out.items()
-         if k not in _IGNORED_KEYS}
+  out, metadata = common.read_safetensors(path, keys, ignore=_IGNORED_KEYS)
+  out = {k[len("text."):] if k.startswith("text.") else k: v for k, v in out.items()}
   for k in ("logit_scale", "logit_bias"):  # open_clip's nonscalar_logit_scale: shape [1].
     if k in out and common.shape_of(out[k]) == (1,):
       out[k] = () if not keys else out[k].reshape(())
@@ -225,15 +226,51 @@ def clip_kwargs(config: dict, quick_gelu: bool, vision_heads: int, text_heads: i
       activation="quick_gelu" if quick_gelu else "gelu_exact")
 
 
+# Sizes that both the shapes and `export`'s metadata give: the metadata must agree.
+_SHAPE_FIELDS = ("embed_dim", "vision_cfg.image_size", "vision_cfg.patch_size",
+                 "vision_cfg.width", "vision_cfg.layers", "text_cfg.context_length",
+                 "text_cfg.vocab_size", "text_cfg.width", "text_cfg.layers")
+
+
+def saved_config(path: str, metadata: dict, config: dict) -> dict | None:
+  """The config `export` wrote into the metadata, checked against `config` (inferred from
+  the shapes); None if there is none. Raises CheckpointError if it is malformed or
+  contradicts the shapes."""
+  saved = common.metadata_config(
+      path, metadata, METADATA_KEY,
+      required={"quick_gelu": bool, "vision_cfg.head_width": int, "text_cfg.heads": int},
+      optional={"vision_cfg.mlp_ratio": float, "text_cfg.mlp_ratio": float},
+      inferred={f: common.lookup(config, f) for f in _SHAPE_FIELDS})
+  if saved is None:
+    return None
+  for tower, heads in (("vision_cfg", "head_width"), ("text_cfg", "heads")):
+    width, n = config[tower]["width"], saved[tower][heads]
+    if width % n:
+      raise common.metadata_error(path, METADATA_KEY, f"has {tower}.{heads}={n}, which does "
+                                  f"not divide the width {width} that the shapes give")
+    ratio = saved[tower].get("mlp_ratio")
+    if ratio is not None and int(width * ratio) != int(width * config[tower]["mlp_ratio"]):
+      raise common.metadata_error(
+          path, METADATA_KEY, f"says {tower}.mlp_ratio={ratio!r} (an MLP width of "
+          f"{int(width * ratio)}), but the tensors' shapes give "
+          f"{int(width * config[tower]['mlp_ratio'])}")
+  return saved
+
+
 def read_config(path: str | os.PathLike) -> dict:
   """The open_clip config of a weights file from its shapes (and metadata, if exported here).
 
   E.g. read_config(path)["vision_cfg"]["image_size"], the resolution the model expects.
+  Metadata that contradicts the shapes raises CheckpointError.
   """
+  path = os.fspath(path)
   shapes, metadata = read_state_dict(path, keys=False)
-  config = infer_config(shapes, os.fspath(path))
-  if METADATA_KEY in metadata:
-    config = {**json.loads(metadata[METADATA_KEY]), "logit_bias": config["logit_bias"]}
+  config = infer_config(shapes, path)
+  saved = saved_config(path, metadata, config)
+  if saved is not None:
+    config = {**config, **saved, "vision_cfg": {**config["vision_cfg"], **saved["vision_cfg"]},
+              "text_cfg": {**config["text_cfg"], **saved["text_cfg"]},
+              "logit_bias": config["logit_bias"]}
   return config
 
 
@@ -279,11 +316,11 @@ def model_from_file(path: str | os.PathLike, *, quick_gelu: bool | None = None,
 
 def _model(path, config, metadata, quick_gelu, vision_heads, text_heads):
   """(mmjax CLIP, (vision_heads, text_heads)) for an inferred config and the file's metadata."""
-  saved = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+  saved = saved_config(path, metadata, config)
   if saved is not None:
     quick_gelu = saved["quick_gelu"] if quick_gelu is None else quick_gelu
-    v = saved["vision_cfg"]
-    vision_heads = vision_heads or v["width"] // v["head_width"]
+    vision_width, head_width = config["vision_cfg"]["width"], saved["vision_cfg"]["head_width"]
+    vision_heads = vision_heads or vision_width // head_width
     text_heads = text_heads or saved["text_cfg"]["heads"]
   if quick_gelu is None:
     raise ValueError(f"{path}: say which activation the model uses: quick_gelu=True for "

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 
 import ml_collections
 
@@ -134,11 +135,72 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
   if max_loss is not None:
     need(isinstance(max_loss, (int, float)) and not math.isnan(max_loss), "max_loss",
          max_loss, "a number, or None for no limit")
+  bad.extend(optimizer_range_problems(config))
+  bad.extend(frozen_pattern_problems(config))
   if bad:
     raise ConfigError("Bad config: " + "; ".join(bad) + ".")
   dataset = config.get("dataset")
   if check_dataset and dataset is not None and dataset.get("name"):
     check_dataset_name(dataset.name, dataset.get("data_dir"))
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def optimizer_range_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The optimizer values out of range, each as "config.<field>=<value> (<what to set>)".
+
+  warmup_steps an integer >= 0; grad_clip_norm, weight_decay and end_factor finite and
+  >= 0 (a negative clip norm turns descent into ascent, a negative decay grows the
+  weights); b1 and b2 in [0, 1) (Adam's moment decays; b1 is SGD's momentum).
+  """
+  opt = config.get("optimizer")
+  if opt is None:
+    return []
+  bad = []
+  if "warmup_steps" in opt:
+    v = opt.warmup_steps
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+      bad.append(f"config.optimizer.warmup_steps={v!r} (must be an integer >= 0)")
+  for f, what in (("grad_clip_norm", "0 for no clipping; a negative norm reverses the "
+                   "gradients"), ("weight_decay", "a negative decay grows the weights"),
+                  ("end_factor", "the final learning rate as a fraction of the peak")):
+    if f in opt and opt[f] is not None:
+      v = opt[f]
+      if not (_is_number(v) and v >= 0):
+        bad.append(f"config.optimizer.{f}={v!r} (must be finite and >= 0; {what})")
+  for f in ("b1", "b2"):
+    if f in opt and opt[f] is not None:
+      v = opt[f]
+      if not (_is_number(v) and 0 <= v < 1):
+        bad.append(f"config.optimizer.{f}={v!r} (must be in [0, 1), e.g. 0.9 for b1 and "
+                   "0.999 for b2)")
+  return bad
+
+
+def frozen_pattern_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """config.frozen entries that are not strings or not valid regular expressions.
+
+  Whether the patterns leave anything to train needs the parameters' paths:
+  mmjax.train.optim.frozen_mask checks that, before compiling the step.
+  """
+  patterns = config.get("frozen") or ()
+  if isinstance(patterns, str):
+    return [f"config.frozen={patterns!r} (a tuple of regular expressions, e.g. "
+            f"({patterns!r},))"]
+  bad = []
+  for p in patterns:
+    if not isinstance(p, str):
+      bad.append(f"config.frozen pattern {p!r} (must be a string, a regular expression "
+                 "over parameter paths such as 'vision/.*')")
+      continue
+    try:
+      re.compile(p)
+    except re.error as e:
+      bad.append(f"config.frozen pattern {p!r} is not a regular expression ({e}); "
+                 "e.g. 'vision/.*'")
+  return bad
 
 
 def _diff_line(field, old, new) -> str:

@@ -55,7 +55,8 @@ def frozen_mask(params, patterns) -> object:
 
   Patterns are regular expressions over "/"-joined paths ("vision/.*",
   "text_tower/encoder/block0/.*"). A pattern that matches nothing is an error: a typo
-  must not leave a tower silently trained.
+  must not leave a tower silently trained, and patterns that freeze every leaf leave
+  nothing to train: both raise ValueError.
   """
   patterns = tuple(patterns or ())
   paths = parameter_paths(params)
@@ -65,6 +66,10 @@ def frozen_mask(params, patterns) -> object:
       raise ValueError(f"config.frozen pattern {p!r} matches no parameter; parameter paths "
                        f"look like {paths[0]!r} (top level: {tops}).")
   flags = [any(re.fullmatch(p, path) for p in patterns) for path in paths]
+  if flags and all(flags):
+    raise ValueError(f"config.frozen={patterns!r} freezes all {len(paths)} parameters: "
+                     f"nothing is left to train. Narrow the patterns so that some train "
+                     f"(top level: {sorted({path.split('/')[0] for path in paths})}).")
   return jax.tree.unflatten(jax.tree.structure(params), flags)
 
 
