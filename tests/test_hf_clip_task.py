@@ -64,9 +64,11 @@ def test_eval_only_runs_every_evaluator_on_a_hf_clip_folder(tmp_path):
   np.testing.assert_allclose(text_emb, ref["text_emb"], atol=1e-5)
 
 
-def test_a_siglip_folder_needs_the_sigmoid_loss():
+def test_a_siglip_folder_needs_the_sigmoid_loss_and_a_tokenizer():
   with pytest.raises(ValueError, match="set --config.loss=sigmoid"):
     tasks.get_task(_config(SIGLIP), sharding.make_mesh())
+  with pytest.raises(ValueError, match="no tokenizer mmjax reads.*tokenizer.kind=byte"):
+    tasks.get_task(_config(SIGLIP, loss="sigmoid"), sharding.make_mesh())
   with pytest.raises(ValueError, match="kind='pretrained' reads a Hugging Face folder"):
     c = _config("", loss="sigmoid")
     c.tokenizer.kind = "pretrained"

@@ -82,7 +82,8 @@ MODELS = {
 
 def mmjax_side(work: pathlib.Path) -> None:
   import jax  # pylint: disable=import-outside-toplevel
-  from mmjax.interop import hf_clip, hf_tokenizer, load_pretrained  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax.interop import hf_clip, hf_tokenizer, load_pretrained
   for name in MODELS:
     pre = load_pretrained(OUT / name)
     data = np.load(OUT / f"{name}.npz")

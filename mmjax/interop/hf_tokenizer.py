@@ -38,8 +38,10 @@ def _token(value) -> str | None:
 
 def _clip_bpe(folder: str):
   """transformers' CLIPTokenizer pipeline from vocab.json and merges.txt."""
-  from tokenizers import AddedToken, Regex, Tokenizer  # pylint: disable=import-outside-toplevel
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from tokenizers import AddedToken, Regex, Tokenizer
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+  # pylint: enable=import-outside-toplevel
   with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
     vocab = json.load(f)
   with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:

@@ -129,7 +129,13 @@ class ClipTask(base.Task):
       raise ValueError(f"config.tokenizer.context_length={length} is longer than the "
                        f"model's {self.max_text_len} positions.")
     if kind == "auto":
-      kind = "pretrained" if self.found is not None and self.found.has_tokenizer() else "byte"
+      hf_folder = self.found is not None and self.found.kind != "open_clip"
+      if hf_folder and not self.found.has_tokenizer():
+        raise ValueError(f"{self.init_from} has no tokenizer mmjax reads (tokenizer.json, or "
+                         f"vocab.json + merges.txt; SigLIP's spiece.model is not read): add "
+                         f"one, or set --config.tokenizer.kind=byte (a smoke run's ids, "
+                         f"meaningless to the model).")
+      kind = "pretrained" if hf_folder else "byte"
     if kind == "pretrained":
       if self.found is None or self.found.kind == "open_clip":
         raise ValueError("config.tokenizer.kind='pretrained' reads a Hugging Face folder's "
