@@ -181,6 +181,16 @@ def test_sharded_weights_load(tmp_path):
                load_pretrained(FIXTURES / "clip_gelu_p16").params)
 
 
+def test_older_checkpoints_position_ids_buffers_are_skipped(tmp_path):
+  folder = _copy(tmp_path)
+  state = st_numpy.load_file(folder / "model.safetensors")
+  state["text_model.embeddings.position_ids"] = np.arange(12, dtype=np.int64)[None]
+  state["vision_model.embeddings.position_ids"] = np.arange(10, dtype=np.int64)[None]
+  st_numpy.save_file(state, folder / "model.safetensors")
+  jax.tree.map(np.testing.assert_array_equal, load_pretrained(folder).params,
+               load_pretrained(FIXTURES / "clip_gelu_p16").params)
+
+
 def test_export_refuses_a_model_of_neither_layout():
   from mmjax.models import clip  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="neither Hugging Face CLIPModel's layout"):

@@ -67,7 +67,8 @@ NORMALISATION = {"clip": ((0.48145466, 0.4578275, 0.40821073),
                           (0.26862954, 0.26130258, 0.27577711)),
                  "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 _LEGACY_EOS = 2  # CLIP configs before transformers 4.31: pool at the highest id.
-_IGNORED_SUFFIXES = ("position_ids",)  # Buffers some older checkpoints saved.
+# Integer buffers that checkpoints of older transformers versions hold; not weights.
+BUFFER_KEYS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -290,7 +291,7 @@ def read_state_dict(folder: str | os.PathLike, keys: bool = True) -> dict:
   for path in files:
     part, _ = common.read_safetensors(path, keys)
     state.update(part)
-  return {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+  return {k: v for k, v in state.items() if k not in BUFFER_KEYS}
 
 
 def check_shapes(shapes: dict, config: dict, folder: str) -> None:
