@@ -125,22 +125,25 @@ def clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the CLIP task's data, tokenizer and pretrained-weights fields, in place.
 
   See mmjax/tasks/clip.py for what each does:
-    init_from: "" or an open_clip / OpenAI ViT CLIP .safetensors file to start from.
+    init_from: "" or pretrained weights to start from (mmjax.interop.load_pretrained: an
+      open_clip .safetensors file, a Hugging Face CLIPModel or SiglipModel folder).
     quick_gelu: the loaded model's activation (None: from the file's metadata).
     vision_heads, text_heads: its attention heads (None: the file's metadata, else as
       open_clip's configs have them, width / 64; see mmjax/interop/open_clip.py).
     captions: "templates" (class names through prompts) or "data" (the "caption" feature).
-    tokenizer: kind "byte" or "bpe" (vocab: CLIP's bpe_simple_vocab_16e6.txt.gz);
-      context_length 0: the model's.
+    tokenizer: kind "auto" (a Hugging Face init_from folder's own, else "byte"), "byte",
+      "pretrained" (the init_from folder's) or "bpe" (vocab: CLIP's
+      bpe_simple_vocab_16e6.txt.gz); context_length 0: the model's.
     zeroshot: class_names and templates ("a photo of a {}.") for zero-shot
-      classification; empty: mmjax.data.captions's for MNIST and Fashion-MNIST.
+      classification; empty: mmjax.data.captions's for MNIST and Fashion-MNIST;
+      template_set: a set of mmjax.data.templates instead ("openai_imagenet": OpenAI's 80).
     image: size (0: as stored, or the loaded model's), min_crop (smallest training crop,
       a fraction of the shorter side; 1: none), mean/std per channel (empty: the
-      dataset's, or OpenAI CLIP's with init_from).
+      dataset's, or the loaded model's with init_from).
   """
   open_clip_fields(c)
   c.captions = "templates"
-  c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", vocab="", context_length=0))
-  c.zeroshot = ml_collections.ConfigDict(dict(class_names=(), templates=()))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="auto", vocab="", context_length=0))
+  c.zeroshot = ml_collections.ConfigDict(dict(class_names=(), templates=(), template_set=""))
   c.image = ml_collections.ConfigDict(dict(size=0, min_crop=1.0, mean=(), std=()))
   return c

@@ -27,6 +27,8 @@ EVALUATORS = {
     "sample_quality": "mmjax.evals.sample_quality:SampleQuality",
     "vqa": "mmjax.evals.vqa:VqaExactMatch",
     "itm": "mmjax.evals.itm:MatchingAndMasking",
+    "linear_probe": "mmjax.evals.linear_probe:LinearProbe",
+    "fewshot": "mmjax.evals.fewshot:FewShot",
 }
 
 

@@ -28,6 +28,15 @@ class CLIP(nn.Module):
   tower freely; mmjax.interop.open_clip sets all of these from a checkpoint. The defaults
   keep mmjax's own layout and parameters.
 
+  Options for other checkpoints' layouts (mmjax.interop.hf_clip sets them), each
+  default keeping the layouts above: `layernorm_epsilon` (None: 1e-5 with openai_layout,
+  else 1e-6), `text_pool` ("eos", "argmax" or "last"; None: "argmax" with openai_layout,
+  else "eos"), `text_eos_id` (the id pool "eos" looks for; None: mmjax's EOS),
+  `text_causal`, `text_proj_bias`, `image_projection` (False: no image projection, the
+  image tower's width is `embed_dim`) and `clamp_logit_scale`. SigLIP is mmjax's own
+  image layout with image_pool="map", text_pool="last", text_causal=False,
+  text_proj_bias=True, image_projection=False, sigmoid=True, clamp_logit_scale=False.
+
   `dtype` (computation) and `param_dtype` (parameters) go to both towers and the
   projections (see mmjax.nn.precision); the embeddings are projected, cast to float32
   and normalised in float32, and `logit_scale` / `logit_bias` are float32 parameters
@@ -53,23 +62,34 @@ class CLIP(nn.Module):
   scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  layernorm_epsilon: float | None = None  # None: 1e-5 with openai_layout, else 1e-6.
+  text_pool: str | None = None  # None: "argmax" with openai_layout, else "eos".
+  text_eos_id: int | None = None  # None: mmjax's tokenizer.EOS.
+  text_causal: bool = True
+  text_proj_bias: bool = False
+  image_projection: bool = True
+  clamp_logit_scale: bool = True  # exp(logit_scale) at most 100.
 
   def setup(self):
     openai = self.openai_layout
-    eps = 1e-5 if openai else 1e-6
+    eps = self.layernorm_epsilon or (1e-5 if openai else 1e-6)
     shared = dict(activation=self.activation, layernorm_epsilon=eps,
                   dropout_rate=self.dropout_rate, remat=self.remat,
                   scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
     layout = vit.openai_options(self.activation) if openai else {}
+    layout.update(layernorm_epsilon=eps)
     self.image_tower = vit.ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
                                **{**shared, **layout})
     self.text_tower = TextTransformer(self.text_width, self.text_depth, self.text_heads,
                                       self.text_mlp_dim, vocab_size=self.text_vocab_size,
                                       max_len=self.max_text_len,
-                                      pool="argmax" if openai else "eos", **shared)
-    proj = lambda: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype)
-    self.image_proj, self.text_proj = proj(), proj()
+                                      pool=self.text_pool or ("argmax" if openai else "eos"),
+                                      eos_id=self.text_eos_id, causal=self.text_causal,
+                                      **shared)
+    proj = lambda bias: nn.Dense(self.embed_dim, use_bias=bias, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+    self.image_proj = proj(False) if self.image_projection else None
+    self.text_proj = proj(self.text_proj_bias)
     init = math.log(10.0) if self.sigmoid else math.log(1 / 0.07)
     scalar = lambda name, value: self.param(name, nn.initializers.constant(value), (),
                                             jnp.float32)
@@ -79,7 +99,12 @@ class CLIP(nn.Module):
 
   def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     """[b, h, w, c] -> float32 [b, embed_dim], unit norm."""
-    x = self.image_proj(self.image_tower(images, deterministic))
+    x = self.image_tower(images, deterministic)
+    if self.image_proj is not None:
+      x = self.image_proj(x)
+    elif x.shape[-1] != self.embed_dim:
+      raise ValueError(f"CLIP: image_projection=False needs embed_dim={self.embed_dim} to be "
+                       f"the image tower's width, {x.shape[-1]}.")
     return losses.l2_normalise(x.astype(jnp.float32))
 
   def encode_text(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -88,8 +113,12 @@ class CLIP(nn.Module):
     return losses.l2_normalise(x.astype(jnp.float32))
 
   def scales(self) -> dict[str, jax.Array]:
-    """{"logit_scale": exp(logit_scale) clamped at 100, and "logit_bias" with sigmoid}."""
-    out = {"logit_scale": jnp.exp(jnp.minimum(self.logit_scale, math.log(100.0)))}
+    """{"logit_scale": exp(logit_scale) (clamped at 100 by default), and "logit_bias" with
+    sigmoid}."""
+    scale = self.logit_scale
+    if self.clamp_logit_scale:
+      scale = jnp.minimum(scale, math.log(100.0))
+    out = {"logit_scale": jnp.exp(scale)}
     if self.sigmoid:
       out["logit_bias"] = self.logit_bias
     return out

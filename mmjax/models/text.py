@@ -17,7 +17,9 @@ class TextTransformer(nn.Module):
 
   `pool="argmax"` reads the state at the highest token id instead (OpenAI's CLIP, whose
   end-of-text token has the highest id); with `activation="quick_gelu"` or "gelu_exact"
-  and `layernorm_epsilon=1e-5` this is open_clip's TextTransformer.
+  and `layernorm_epsilon=1e-5` this is open_clip's TextTransformer. `eos_id` is the id
+  that pool="eos" looks for (default tokenizer.EOS; Hugging Face CLIP's config gives its
+  own). `pool="last"` reads the last position, with `causal=False` SigLIP's text tower.
 
   `dtype`, `param_dtype`, `dropout_rate`, `remat` and `scan_layers` as in vit.ViT (the
   scanned parameters are "encoder/blocks/..." with a leading [depth] axis).
@@ -28,7 +30,9 @@ class TextTransformer(nn.Module):
   mlp_dim: int = 256
   vocab_size: int = tokenizer.VOCAB_SIZE
   max_len: int = 32
-  pool: str = "eos"  # "eos": the first tokenizer.EOS; "argmax": the highest id.
+  pool: str = "eos"  # "eos": the first `eos_id`; "argmax": the highest id; "last".
+  eos_id: int | None = None  # None: tokenizer.EOS.
+  causal: bool = True
   activation: str = "gelu"  # The MLPs' nonlinearity: see transformer.ACTIVATIONS.
   layernorm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
@@ -48,17 +52,20 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.01), (self.max_len, self.width),
                      self.param_dtype)
     x = x + pos[:tokens.shape[1]].astype(self.dtype)
-    if self.pool not in ("eos", "argmax"):
-      raise ValueError(f"TextTransformer: pool={self.pool!r}: use 'eos' or 'argmax'.")
+    if self.pool not in ("eos", "argmax", "last"):
+      raise ValueError(f"TextTransformer: pool={self.pool!r}: use 'eos', 'argmax' or 'last'.")
     encoder = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation,
-                                  self.layernorm_epsilon, self.dropout_rate, causal=True,
+                                  self.layernorm_epsilon, self.dropout_rate, causal=self.causal,
                                   remat=self.remat, scan_layers=self.scan_layers,
                                   name="encoder", **types)
     x = encoder(x, deterministic=deterministic)
     if return_sequence:
       return x.astype(jnp.float32)
+    if self.pool == "last":
+      return x[:, -1].astype(jnp.float32)
     if self.pool == "argmax":
       eos = jnp.argmax(tokens, axis=1)
     else:  # The first EOS; causal, so PAD after it is unseen.
-      eos = jnp.argmax(tokens == tokenizer.EOS, axis=1)
+      eos_id = tokenizer.EOS if self.eos_id is None else self.eos_id
+      eos = jnp.argmax(tokens == eos_id, axis=1)
     return x[jnp.arange(x.shape[0]), eos].astype(jnp.float32)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn import transformer
+from mmjax.nn.attention import MultiHeadAttention
 
 # name: (width, depth, mlp_dim, heads). "mu" is a CPU-sized model for 28x28 images.
 VARIANTS = {
@@ -38,7 +39,8 @@ def parse_variant(variant: str, dims: tuple[int, int, int, int] | None = None) -
 class ViT(nn.Module):
   """[batch, height, width, channels] -> [batch, width] (class token or mean of tokens).
 
-  `pool="none"` returns every token instead, [batch, (1 +) patches, width]: the
+  `pool="map"` pools by attention (`MAPHead`, SigLIP's image tower; no class token by
+  default). `pool="none"` returns every token instead, [batch, (1 +) patches, width]: the
   vision encoder of a VLM or of ImageBERT's regions. A class token is there when
   `class_token` says so (default: only for pool="tok"); the parameters are the same
   whatever the pooling ("embedding", "pos_embedding", "cls" with a class token,
@@ -59,7 +61,7 @@ class ViT(nn.Module):
   the unscanned model, nor an open_clip file into it).
   """
   variant: str = "mu/4"
-  pool: str = "tok"  # "tok": the class token; "gap": mean over patch tokens; "none".
+  pool: str = "tok"  # "tok": the class token; "gap": mean of patch tokens; "map"; "none".
   class_token: bool | None = None  # Default: pool == "tok".
   dims: tuple[int, int, int, int] | None = None  # (width, depth, mlp_dim, heads): parse_variant.
   patch_bias: bool = True  # A bias in the patch embedding.
@@ -80,8 +82,8 @@ class ViT(nn.Module):
     if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"ViT {self.variant} expects [batch, height, width, channels] with "
                        f"height and width divisible by {p}; got {list(images.shape)}.")
-    if self.pool not in ("tok", "gap", "none"):
-      raise ValueError(f"ViT: pool={self.pool!r}: use 'tok', 'gap' or 'none'.")
+    if self.pool not in ("tok", "gap", "map", "none"):
+      raise ValueError(f"ViT: pool={self.pool!r}: use 'tok', 'gap', 'map' or 'none'.")
     class_token = self.pool == "tok" if self.class_token is None else self.class_token
     if self.pool == "tok" and not class_token:
       raise ValueError("ViT: pool='tok' needs class_token=True.")
@@ -112,7 +114,38 @@ class ViT(nn.Module):
       x = x[:, 0]
     elif self.pool == "gap":
       x = x[:, int(class_token):].mean(axis=1, dtype=jnp.float32)
+    elif self.pool == "map":
+      x = MAPHead(v["num_heads"], v["mlp_dim"], self.activation, self.layernorm_epsilon,
+                  name="head", **types)(x)
     return x.astype(jnp.float32)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends to the tokens, then a residual
+  MLP. [batch, len, width] -> [batch, width].
+
+  big_vision's MAPHead and Hugging Face's SiglipMultiheadAttentionPoolingHead: parameters
+  "probe" [1, 1, width], "attention" (query from the probe, keys and values from the
+  tokens), "ln" and "mlp".
+  """
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  layernorm_epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width),
+                       self.param_dtype).astype(self.dtype)
+    probe = jnp.broadcast_to(probe, (x.shape[0], 1, width))
+    x = MultiHeadAttention(self.num_heads, name="attention", **types)(probe, x)
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln", **types)(x)
+    x = x + transformer.MlpBlock(self.mlp_dim, self.activation, name="mlp", **types)(y)
+    return x[:, 0]
 
 
 # ViT options a model with a ViT inside (VLM, ImageBERT) passes through (`vision_options`).

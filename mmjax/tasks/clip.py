@@ -17,13 +17,17 @@ random in training (side a fraction in [min_crop, 1] of the shorter one, drawn f
 seed and the example's position) and centred in evaluation, resized; normalised with
 `mean`/`std` (empty: the dataset's, or OpenAI CLIP's for loaded weights).
 
-Pretrained weights (`config.init_from`, an open_clip / OpenAI ViT CLIP safetensors
-file): the model is that file's architecture (`config.model` is not used), `init`
-returns its parameters, images get 3 channels at its resolution, and `config.quick_gelu`,
-`config.vision_heads` and `config.text_heads` say what the file may not record (see
-mmjax/interop/open_clip.py). The text is tokenized by
-`config.tokenizer`: kind="byte" (mmjax's byte tokenizer, the default) or kind="bpe"
-with vocab=<bpe_simple_vocab_16e6.txt.gz> (CLIP's, what open_clip's weights expect).
+Pretrained weights (`config.init_from`: an open_clip / OpenAI ViT CLIP safetensors file,
+or a Hugging Face CLIPModel or SiglipModel folder; see mmjax.interop.load_pretrained):
+the model is their architecture (`config.model` is not used), `init` returns their
+parameters, images get 3 channels at their resolution, and for an open_clip file
+`config.quick_gelu`, `config.vision_heads` and `config.text_heads` say what the file may
+not record (see mmjax/interop/open_clip.py). The text is tokenized by `config.tokenizer`:
+kind="auto" (the default: a Hugging Face folder's own tokenizer when it has one, else
+"byte"), "byte" (mmjax's byte tokenizer), "pretrained" (the folder's tokenizer.json, or
+vocab.json + merges.txt) or "bpe" with vocab=<bpe_simple_vocab_16e6.txt.gz> (CLIP's, what
+open_clip's weights expect). `config.zeroshot.template_set` names a set of evaluation
+templates of mmjax.data.templates (e.g. "openai_imagenet", OpenAI's 80).
 
 Precision and memory: the model computes in `config.dtype` with parameters in
 `config.param_dtype` (embeddings, logits and loss float32), `config.remat` recomputes
@@ -34,6 +38,7 @@ comes from the train step's key); evaluation is deterministic.
 """
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +46,7 @@ import numpy as np
 from mmjax import losses
 from mmjax.data import captions
 from mmjax.data import pipeline
+from mmjax.data import templates as templates_lib
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import clip as clip_model
 from mmjax.tasks import base
@@ -66,13 +72,17 @@ class ClipTask(base.Task):
                        f"names through prompt templates) or 'data' (the dataset's 'caption').")
     self.init_from = _field(config, "init_from", "")
     options = base.model_options(config, "clip", scan=True)
+    self.found = None  # With init_from: what mmjax.interop.load_pretrained found there.
     if self.init_from:
       if options["scan_layers"]:
         raise ValueError(f"config.scan_layers=True with config.init_from={self.init_from!r}: "
-                         f"open_clip weights are in the unscanned layout; set scan_layers=False.")
-      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-      self.model = open_clip.model_from_file(
-          self.init_from, **base.open_clip_load_kwargs(config)).clone(**options)
+                         f"pretrained weights are in the unscanned layout; set "
+                         f"scan_layers=False.")
+      from mmjax.interop import pretrained  # pylint: disable=import-outside-toplevel
+      self.found = pretrained.load_pretrained(self.init_from, weights=False,
+                                              **base.open_clip_load_kwargs(config))
+      logging.info("config.init_from: %s", self.found.describe())
+      self.model = self.found.model.clone(**options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
         raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
                          f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
@@ -88,6 +98,8 @@ class ClipTask(base.Task):
     name = config.dataset.name
     self.class_names = tuple(zeroshot.get("class_names") or ())
     self.eval_templates = tuple(zeroshot.get("templates") or ())
+    if zeroshot.get("template_set"):
+      self.eval_templates = templates_lib.get(zeroshot["template_set"])
     if self.caption_source == "templates":
       if not self.class_names:
         captions.check_dataset(name)
@@ -102,7 +114,7 @@ class ClipTask(base.Task):
     self.min_crop = float(image.get("min_crop") or 1.0)
     mean, std = tuple(image.get("mean") or ()), tuple(image.get("std") or ())
     if not mean or not std:
-      mean, std = ((pipeline.CLIP_MEAN, pipeline.CLIP_STD) if self.init_from
+      mean, std = ((self.found.mean, self.found.std) if self.init_from
                    else pipeline.normalisation(name))
     self.mean, self.std = mean, std
     self.train_preprocess = functools.partial(self.preprocess, train=True)
@@ -111,12 +123,27 @@ class ClipTask(base.Task):
                                                   method=self.model.encode_text))
 
   def _make_tokenizer(self, spec):
-    kind = spec.get("kind") or "byte"
+    kind = spec.get("kind") or "auto"
     length = int(spec.get("context_length") or 0) or self.max_text_len
     if length > self.max_text_len:
       raise ValueError(f"config.tokenizer.context_length={length} is longer than the "
                        f"model's {self.max_text_len} positions.")
-    if kind == "byte":
+    if kind == "auto":
+      hf_folder = self.found is not None and self.found.kind != "open_clip"
+      if hf_folder and not self.found.has_tokenizer():
+        raise ValueError(f"{self.init_from} has no tokenizer mmjax reads (tokenizer.json, or "
+                         f"vocab.json + merges.txt; SigLIP's spiece.model is not read): add "
+                         f"one, or set --config.tokenizer.kind=byte (a smoke run's ids, "
+                         f"meaningless to the model).")
+      kind = "pretrained" if hf_folder else "byte"
+    if kind == "pretrained":
+      if self.found is None or self.found.kind == "open_clip":
+        raise ValueError("config.tokenizer.kind='pretrained' reads a Hugging Face folder's "
+                         "tokenizer: set config.init_from to one (for an open_clip file use "
+                         "kind='bpe').")
+      tok = self.found.tokenizer(length)
+      vocab_size = tok.vocab_size
+    elif kind == "byte":
       tok = tokenizer_lib.ByteTokenizer(max_len=length)
       vocab_size = tok.vocab_size
     elif kind == "bpe":
@@ -128,7 +155,8 @@ class ClipTask(base.Task):
       tok = bpe.ClipTokenizer(spec["vocab"], context_length=length)
       vocab_size = tok.eot_id + 1
     else:
-      raise ValueError(f"config.tokenizer.kind={kind!r}: use 'byte' or 'bpe'.")
+      raise ValueError(f"config.tokenizer.kind={kind!r}: use 'auto', 'byte', 'pretrained' or "
+                       f"'bpe'.")
     if vocab_size > self.model.text_vocab_size:
       raise ValueError(f"The {kind} tokenizer's ids go up to {vocab_size - 1}, but the model's "
                        f"text vocabulary has {self.model.text_vocab_size} entries"
@@ -142,14 +170,14 @@ class ClipTask(base.Task):
     size = self.image_size or h
     channels = c
     if self.init_from:
-      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-      model_size = open_clip.read_config(self.init_from)["vision_cfg"]["image_size"]
+      from mmjax.interop import pretrained  # pylint: disable=import-outside-toplevel
+      model_size = self.found.image_size
       if self.image_size and self.image_size != model_size:
         raise ValueError(f"config.image.size={self.image_size}, but {self.init_from} takes "
                          f"{model_size}x{model_size} images: set it to 0 or {model_size}.")
       size, channels = model_size, 3
-      _, self.loaded_params = open_clip.load(self.init_from,
-                                             **base.open_clip_load_kwargs(self.config))
+      self.loaded_params = pretrained.load_pretrained(
+          self.init_from, **base.open_clip_load_kwargs(self.config)).params
     self.model_image_shape = (size, size, channels)
 
   def preprocess(self, batch, train: bool):
