@@ -289,9 +289,9 @@ def read_state_dict(folder: str | os.PathLike, keys: bool = True) -> dict:
     raise CheckpointError(f"{folder}: no model.safetensors (found {present[:8]}).{hint}")
   state = {}
   for path in files:
-    part, _ = common.read_safetensors(path, keys)
+    part, _ = common.read_safetensors(path, keys, ignore=BUFFER_KEYS)
     state.update(part)
-  return {k: v for k, v in state.items() if k not in BUFFER_KEYS}
+  return state
 
 
 def check_shapes(shapes: dict, config: dict, folder: str) -> None:
