@@ -9,11 +9,14 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors import numpy as st_numpy
 
 from mmjax.diffusion import hf_schedulers
@@ -119,6 +122,7 @@ def _generate(pipe, ref, tag, **kwargs):
                        latents=_nhwc(ref["latents"]), return_latents=True, **options, **kwargs)
 
 
+@pytest.mark.slow
 def test_generation_equals_diffusers(pipes):
   """Euler, v-prediction, guidance with negative prompts; batch split over 8 devices."""
   pipe, ref = pipes["sd2_euler"], _ref("sd2_euler")
@@ -238,3 +242,45 @@ def test_generate_rejects_bad_inputs(pipes):
     pipe.generate(["a"], num_steps=1, latents=np.zeros((1, 4, 8, 8), np.float32))
   with pytest.raises(ValueError, match=r"multiples of 4"):
     pipe.generate(["a"], num_steps=1, latents=np.zeros((1, 6, 6, 4), np.float32))
+
+
+# --- the command ---
+
+def _run_generate(*args):
+  # The unit tests' compilation setting (see conftest.fast_compilation), in the child.
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=os.pathsep.join(
+      [str(FIXTURES.parents[2])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+  return subprocess.run([sys.executable, "-m", "mmjax.generate", *args], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_generate_command_equals_diffusers(tmp_path):
+  """The CLI on the tiny SD 1.x-like pipeline (DDIM, epsilon): its PNG grid holds
+  diffusers' images for the same latents, to the uint8 step."""
+  ref = _ref("sd1_ddim")
+  np.save(tmp_path / "latents.npy", _nhwc(ref["latents"]))
+  out = tmp_path / "grid.png"
+  run = _run_generate(f"--pretrained={FIXTURES / 'sd1_ddim'}",
+                      f"--prompt={MANIFEST['prompts'][0]}",
+                      f"--negative_prompt={MANIFEST['negative_prompts'][1]}",
+                      f"--steps={MANIFEST['steps']}", f"--guidance={MANIFEST['guidance']}",
+                      f"--latents={tmp_path / 'latents.npy'}", "--columns=2", f"--out={out}")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert f"Wrote 2 images (16x16) to {out}" in run.stdout
+  assert [f"step {i}/{MANIFEST['steps']}" for i in range(1, MANIFEST["steps"] + 1)] == [
+      line for line in run.stdout.splitlines() if line.startswith("step ")]
+  grid = np.asarray(Image.open(out))
+  assert grid.shape == (16, 32, 3) and grid.dtype == np.uint8
+  want = stable_diffusion.to_uint8(ref["image_cli"])
+  got = np.stack([grid[:, :16], grid[:, 16:]])
+  assert np.abs(got.astype(int) - want).max() <= 1
+  assert np.mean(got == want) > 0.99
+
+
+def test_generate_command_refuses_a_vae_folder(tmp_path):
+  run = _run_generate(f"--pretrained={FIXTURES / 'sd1_ddim' / 'vae'}", "--prompt=x",
+                      f"--out={tmp_path / 'grid.png'}")
+  assert run.returncode == 1 and not (tmp_path / "grid.png").exists()
+  assert run.stderr.strip().splitlines()[-1].startswith("generate: ")
+  assert "not a pipeline" in run.stderr

@@ -222,7 +222,10 @@ def reference(name: str, spec: dict, out: pathlib.Path) -> dict:
                                    negative_prompt=NEGATIVE)),
                       ("nocfg", dict(prompt=PROMPTS, guidance_scale=1.0)),
                       ("skip", dict(prompt_embeds=skip[:2], negative_prompt_embeds=skip[2:],
-                                    guidance_scale=3.0))):
+                                    guidance_scale=3.0)),
+                      # What `python -m mmjax.generate` is tested with: one prompt.
+                      ("cli", dict(prompt=PROMPTS[:1] * 2, negative_prompt=NEGATIVE[1:] * 2,
+                                   guidance_scale=GUIDANCE))):
     common = dict(num_inference_steps=STEPS, latents=torch.from_numpy(latents), **kwargs)
     res[f"image_{tag}"] = pipe(**common, output_type="np").images
     res[f"final_latents_{tag}"] = pipe(**common, output_type="latent").images.numpy()
