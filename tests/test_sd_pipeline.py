@@ -134,8 +134,10 @@ def test_generation_equals_diffusers(pipes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,tag", [(n, t) for n in NAMES for t in ("cfg", "nocfg", "skip")])
+@pytest.mark.parametrize("name,tag", [("sd1_ddim", "cfg"), ("sd1_ddim", "skip"),
+                                      ("sd2_euler", "nocfg")])
 def test_every_generation_equals_diffusers(name, tag, pipes):
+  """The other scheduler, without guidance, and clip_skip (penultimate text layer)."""
   ref = _ref(name)
   images, latents = _generate(pipes[name], ref, tag)
   np.testing.assert_allclose(latents, _nhwc(ref[f"final_latents_{tag}"]), atol=IMAGE_TOL,
