@@ -1,0 +1,107 @@
+"""Stable Diffusion speed: mmjax's generation loop vs diffusers', and an SD-1.5 U-Net step.
+
+  # mmjax (JAX) generation on a pipeline folder, one compile excluded:
+  python benchmarks/sd_generate.py --mode=jax --pipeline=FOLDER --num_images=4 --steps=10
+  # diffusers on the same folder and settings (an environment with torch + diffusers):
+  python benchmarks/sd_generate.py --mode=diffusers --pipeline=FOLDER --num_images=4 --steps=10
+  # an SD-1.5-shaped U-Net (random weights), batch 1, 64x64 latents: compile + step time:
+  python benchmarks/sd_generate.py --mode=unet_sd15
+
+Each prints one JSON line. Both generation modes start from the same latents
+(seed 0, NumPy) with guidance 7.5 and the folder's scheduler.
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def _latents(n, size, channels=4):
+  return np.random.default_rng(0).standard_normal((n, size, size, channels), dtype=np.float32)
+
+
+def run_jax(args):
+  import jax  # pylint: disable=import-outside-toplevel
+  from mmjax.pipelines import stable_diffusion  # pylint: disable=import-outside-toplevel
+  pipe = stable_diffusion.StableDiffusion.from_pretrained(args.pipeline)
+  latents = _latents(args.num_images, args.latent_size or pipe.sample_size)
+  prompts = ["a photo of a cat"] * args.num_images
+  start = time.perf_counter()
+  pipe.generate(prompts, "blurry", num_steps=args.steps, latents=latents)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    pipe.generate(prompts, "blurry", num_steps=args.steps, latents=latents)
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  return {"mode": "jax", "devices": jax.device_count(), "backend": jax.default_backend(),
+          "first_call_s": round(first, 3), "best_s": round(best, 4),
+          "images_per_s": round(args.num_images / best, 3)}
+
+
+def run_diffusers(args):
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+      args.pipeline, torch_dtype=torch.float32, safety_checker=None)
+  pipe.set_progress_bar_config(disable=True)
+  size = args.latent_size or pipe.unet.config.sample_size
+  latents = torch.from_numpy(_latents(args.num_images, size).transpose(0, 3, 1, 2).copy())
+  call = lambda: pipe(["a photo of a cat"] * args.num_images, negative_prompt=["blurry"] *
+                      args.num_images, num_inference_steps=args.steps, latents=latents,
+                      output_type="np")
+  start = time.perf_counter()
+  call()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  return {"mode": "diffusers", "torch_threads": torch.get_num_threads(),
+          "first_call_s": round(first, 3), "best_s": round(best, 4),
+          "images_per_s": round(args.num_images / best, 3)}
+
+
+def run_unet_sd15(args):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from mmjax.models import sd_unet  # pylint: disable=import-outside-toplevel
+  model = sd_unet.UNet2DConditionModel(**sd_unet.SD15)
+  x = jnp.zeros((1, 64, 64, 4))
+  t = jnp.array([500.0])
+  context = jnp.zeros((1, 77, 768))
+  params = jax.jit(model.init)(jax.random.key(0), x, t, context)
+  count = sum(p.size for p in jax.tree.leaves(params))
+  step = jax.jit(model.apply)
+  start = time.perf_counter()
+  compiled = step.lower(params, x, t, context).compile()
+  compile_s = time.perf_counter() - start
+  compiled(params, x, t, context).block_until_ready()
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    compiled(params, x, t, context).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return {"mode": "unet_sd15", "parameters": int(count), "backend": jax.default_backend(),
+          "compile_s": round(compile_s, 2), "step_s": round(min(times), 3)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--mode", choices=("jax", "diffusers", "unet_sd15"), required=True)
+  parser.add_argument("--pipeline", help="a diffusers pipeline folder")
+  parser.add_argument("--num_images", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--latent_size", type=int, help="default: the U-Net's sample_size")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  run = {"jax": run_jax, "diffusers": run_diffusers, "unet_sd15": run_unet_sd15}[args.mode]
+  print(json.dumps(dict(run(args), **{k: v for k, v in vars(args).items() if v is not None})))
+
+
+if __name__ == "__main__":
+  main()
