@@ -20,10 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import launch_helpers as lh
+from mmjax import parallel
 from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import sharding
 from mmjax.train import trainer
 from test_trainer import LinearTask, _config, _train
 
@@ -35,7 +35,7 @@ def _steps(workdir):
 
 
 def _restore_latest(config, workdir, **kw):
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = LinearTask(config, mesh)
   task.setup()
   state, _ = trainer.create_train_state(config, task, mesh)
@@ -78,7 +78,7 @@ def test_a_huge_finite_checkpoint_is_restored_not_moved_away(tmp_path):
   element by element that they are finite and keeps the checkpoint."""
   config = _config(num_train_steps=3)
   _train(config, tmp_path)
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = LinearTask(config, mesh)
   task.setup()
   state, _ = trainer.create_train_state(config, task, mesh)

@@ -15,10 +15,10 @@ import pytest
 from mmjax import configs
 from mmjax import models
 from mmjax.nn import fusion
+from mmjax import parallel
 from mmjax.tasks import classify
 from mmjax.tasks import clip as clip_task
 from mmjax.train import guards
-from mmjax.train import sharding
 
 
 KEY = jax.random.PRNGKey(0)
@@ -184,7 +184,7 @@ def _clip_task(dropout_rate=0.0, **fields):
   if dropout_rate:
     config.model.dropout_rate = dropout_rate  # Reaches CLIP through config.model.to_dict().
   config.update(fields)
-  task = clip_task.ClipTask(config, sharding.make_mesh(jax.devices()[:1]))
+  task = clip_task.ClipTask(config, parallel.make_mesh(jax.devices()[:1]))
   task.image_shape = task.model_image_shape = (28, 28, 1)
   return task
 
@@ -209,7 +209,7 @@ def test_a_bfloat16_lenet5_train_step_through_the_task_loss_is_finite():
   from experiments import mnist_lenet  # pylint: disable=import-outside-toplevel
   config = mnist_lenet.get_config()
   config.dtype = "bfloat16"
-  task = classify.ClassifyTask(config, sharding.make_mesh(jax.devices()[:1]))
+  task = classify.ClassifyTask(config, parallel.make_mesh(jax.devices()[:1]))
   task.image_shape = (28, 28, 1)
   batch = {"image": _images((28, 28, 1)), "label": jnp.array([3, 7])}
   assert task.model.dtype == BF16

@@ -16,8 +16,9 @@ evaluator (`split`, `batch_size`, ...). The trainer runs each evaluator every
 workdir's latest checkpoint. Each evaluator documents the task methods it calls.
 """
 import dataclasses
-import importlib
 import inspect
+
+from mmjax import registry
 
 # config.evals.<name>.type -> "module:class", imported only when used.
 EVALUATORS = {
@@ -47,16 +48,11 @@ def build(config, task) -> list[Scheduled]:
   for name, fields in (config.get("evals") or {}).items():
     fields = dict(fields)
     kind = fields.pop("type", None)
-    if kind not in EVALUATORS and ":" not in (kind or ""):
-      raise ValueError(f"config.evals.{name}.type={kind!r}: known evaluators are "
-                       f"{', '.join(repr(k) for k in sorted(EVALUATORS))}, or give "
-                       f"'package.module:Class'.")
+    cls = registry.lookup(EVALUATORS, kind, f"evals.{name}.type", "evaluators", own=True)
     every = fields.pop("every_steps", None)
     every = int(config.eval_every_steps if every is None else every)
     if every < 1:
       raise ValueError(f"config.evals.{name}.every_steps={every}: must be >= 1.")
-    module, _, cls_name = EVALUATORS.get(kind, kind).partition(":")
-    cls = getattr(importlib.import_module(module), cls_name)
     known = [p for p in inspect.signature(cls).parameters if p != "task"]
     unknown = sorted(set(fields) - set(known))
     if unknown:

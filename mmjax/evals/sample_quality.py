@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import generative
-from mmjax.train import checkpoints
-from mmjax.train import sharding as sharding_lib
+from mmjax import models
+from mmjax import parallel
+from mmjax import runs
 
 
 class SampleQuality:
@@ -33,21 +33,21 @@ class SampleQuality:
     self.grid_per_class = grid_per_class
     num_classes = len(task.class_names)
     self.labels = np.repeat(np.arange(num_classes), samples_per_class)
-    sharding_lib.check_batch_size(len(self.labels), task.mesh,
+    parallel.check_batch_size(len(self.labels), task.mesh,
                                   f"evals.*.samples_per_class x {num_classes}")
     self.judge = None
     if classifier_workdir:
-      run = checkpoints.load_run(classifier_workdir, task="classify",
+      run = runs.load_run(classifier_workdir, task="classify",
                                  field="evals.*.classifier_workdir")
-      if run.config["model"] != "lenet5":
+      if run.field("model") != "lenet5":
         raise ValueError(f"The classifier_workdir of a sample_quality evaluator must hold a "
                          f"LeNet-5 run (its 84-unit layer is the FLD feature space); "
                          f"{classifier_workdir} holds {run.config['model']!r}.")
       self.judge = models.LeNet5()
       self.judge_params = jax.device_get(run.params)
-      self.judge_norm = pipeline.normalisation(run.config["dataset"]["name"])
+      self.judge_norm = pipeline.normalisation(run.field("dataset.name"))
       self._classify = jax.jit(self._classify_fn,
-                               out_shardings=sharding_lib.replicated(task.mesh))
+                               out_shardings=parallel.replicated(task.mesh))
       self.test_features = self._features(
           pipeline.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
       train = pipeline.load_source(c.dataset, c.dataset.train_split).arrays["image"]

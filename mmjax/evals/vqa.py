@@ -7,7 +7,7 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.data import vqa
 from mmjax.evals import common
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
 
 
 class VqaExactMatch:
@@ -25,7 +25,7 @@ class VqaExactMatch:
     self.source = vqa.GridSource(pipeline.load_source(c.dataset, c.dataset.eval_split),
                                  num_grids, seed=vqa.EVAL_GRID_SEED)
     self._generate = jax.jit(self._generate_batch,
-                             out_shardings=sharding_lib.replicated(task.mesh))
+                             out_shardings=parallel.replicated(task.mesh))
 
   def _generate_batch(self, params, extras, batch):
     answers = self.task.generate(params, extras, batch["image"], batch["prompt"])

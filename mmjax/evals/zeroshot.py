@@ -7,7 +7,7 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.evals import common
 from mmjax.evals import retrieval
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
 
 
 class ZeroShotRetrieval:
@@ -27,7 +27,7 @@ class ZeroShotRetrieval:
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
     self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
     self._embed = jax.jit(self._embed_batch,
-                          out_shardings=sharding_lib.replicated(task.mesh))
+                          out_shardings=parallel.replicated(task.mesh))
 
   def _embed_batch(self, params, extras, batch):
     image_emb, text_emb = self.task.embed(params, extras, batch)

@@ -38,19 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses
 from mmjax.data import captions
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax import losses
 from mmjax.models import clip as clip_model
+from mmjax import parallel
 from mmjax.tasks import base
-from mmjax.train import sharding as sharding_lib
-
-
-def _field(config, name, default):
-  """config.<name>, or `default` for a config written before the field existed."""
-  value = config.get(name)
-  return default if value is None else value
 
 
 class ClipTask(base.Task):
@@ -60,11 +54,11 @@ class ClipTask(base.Task):
     super().__init__(config, mesh)
     if config.loss not in ("softmax", "sigmoid"):
       raise ValueError(f"config.loss={config.loss!r}: use 'softmax' (InfoNCE) or 'sigmoid'.")
-    self.caption_source = _field(config, "captions", "templates")
+    self.caption_source = config.captions
     if self.caption_source not in ("templates", "data"):
       raise ValueError(f"config.captions={self.caption_source!r}: use 'templates' (class "
                        f"names through prompt templates) or 'data' (the dataset's 'caption').")
-    self.init_from = _field(config, "init_from", "")
+    self.init_from = config.init_from
     options = base.model_options(config, "clip", scan=True)
     if self.init_from:
       if options["scan_layers"]:
@@ -72,7 +66,7 @@ class ClipTask(base.Task):
                          f"open_clip weights are in the unscanned layout; set scan_layers=False.")
       from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
       self.model = open_clip.model_from_file(
-          self.init_from, **base.open_clip_load_kwargs(config)).clone(**options)
+          self.init_from, **open_clip.config_kwargs(config)).clone(**options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
         raise ValueError(f"config.loss={config.loss!r}, but {self.init_from} is a "
                          f"{'SigLIP-style (logit_bias)' if self.model.sigmoid else 'softmax'} "
@@ -82,9 +76,9 @@ class ClipTask(base.Task):
       self.model = clip_model.CLIP(**config.model.to_dict(),
                                    sigmoid=config.loss == "sigmoid", **options)
     self.max_text_len = self.model.max_text_len
-    self.tokenizer = self._make_tokenizer(_field(config, "tokenizer", {}))
+    self.tokenizer = self._make_tokenizer(config.tokenizer)
 
-    zeroshot = _field(config, "zeroshot", {})
+    zeroshot = config.zeroshot
     name = config.dataset.name
     self.class_names = tuple(zeroshot.get("class_names") or ())
     self.eval_templates = tuple(zeroshot.get("templates") or ())
@@ -97,7 +91,7 @@ class ClipTask(base.Task):
     else:
       self.class_names = ()  # The labels are example ids: nothing to classify.
 
-    image = _field(config, "image", {})
+    image = config.image
     self.image_size = int(image.get("size") or 0)
     self.min_crop = float(image.get("min_crop") or 1.0)
     mean, std = tuple(image.get("mean") or ()), tuple(image.get("std") or ())
@@ -149,7 +143,7 @@ class ClipTask(base.Task):
                          f"{model_size}x{model_size} images: set it to 0 or {model_size}.")
       size, channels = model_size, 3
       _, self.loaded_params = open_clip.load(self.init_from,
-                                             **base.open_clip_load_kwargs(self.config))
+                                             **open_clip.config_kwargs(self.config))
     self.model_image_shape = (size, size, channels)
 
   def preprocess(self, batch, train: bool):
@@ -205,7 +199,7 @@ class ClipTask(base.Task):
     """The contrastive loss over the global batch's embeddings (split over the mesh)."""
     img, txt = embeddings["image"], embeddings["text"]
     scales = self.model.apply({"params": params}, method=self.model.scales)
-    axes = sharding_lib.batch_axes(self.mesh)
+    axes = parallel.batch_axes(self.mesh)
     if self.config.loss == "softmax":
       loss = losses.info_nce_sharded(img, txt, 1.0 / scales["logit_scale"], self.mesh, axes)
     else:
