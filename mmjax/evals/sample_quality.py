@@ -8,6 +8,7 @@ from mmjax.evals import generative
 from mmjax import models
 from mmjax import parallel
 from mmjax import runs
+from mmjax.tasks import base
 
 
 class SampleQuality:
@@ -21,12 +22,12 @@ class SampleQuality:
   test split. Without a classifier only the sample grids ("samples/guidance_{g}",
   `grid_per_class` per class) are made.
 
-  Calls `task.sample(params, extras, labels [n], guidance) -> images [n, h, w, c] in
-  [0, 1]`, and reads `task.class_names`.
+  Needs a `tasks.base.Sampler`: `task.sample` and `task.class_names`.
   """
 
-  def __init__(self, task, classifier_workdir: str = "", samples_per_class: int = 100,
-               guidance_scales=(0.0, 1.0, 2.0, 4.0), grid_per_class: int = 8):
+  def __init__(self, task: base.Sampler, classifier_workdir: str = "",
+               samples_per_class: int = 100, guidance_scales=(0.0, 1.0, 2.0, 4.0),
+               grid_per_class: int = 8):
     c = task.config
     self.task = task
     self.guidance_scales = tuple(float(g) for g in guidance_scales)

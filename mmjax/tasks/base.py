@@ -23,12 +23,24 @@ as negatives (the trainer's GradCache scheme, `trainer._loss_and_grads`).
 What is frozen is not the task's business: `config.frozen` (regexes over parameter
 paths such as "vision/.*") is applied by the trainer and the optimizer. Evaluation
 is not either: evaluators (`mmjax/evals`, declared in `config.evals`) call the
-prediction methods a task offers (`logits`, `embed`, `generate`, ...), each
-documented by the evaluator that uses it.
+prediction methods a task offers, each capability a Protocol below that the evaluator
+names in its signature:
+
+  evaluator            protocol        the task offers
+  classification       Classifier      logits, eval_preprocess
+  zeroshot_retrieval   Embedder        embed, class_text_embeddings, eval_preprocess
+  reconstruction       Reconstructor   reconstruct, eval_preprocess
+  sample_quality       Sampler         sample, class_names
+  vqa                  Generator       generate, eval_preprocess
+  itm                  Predictor       predict, eval_preprocess
+
+Every evaluator also reads the task's `config` and `mesh` (`Evaluable`).
 
 `extras` is task-owned state that is not trained by the optimizer (an EMA of the
 weights); it is checkpointed with the rest. A loss's metrics are named "train/...".
 """
+from typing import Protocol, runtime_checkable
+
 import jax
 import ml_collections
 import numpy as np
@@ -118,3 +130,75 @@ class Task:
   def weight_decay_mask(self, params):
     """Decay matrices, kernels and embeddings; not biases, norms or scalars."""
     return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+# What evaluators call: one Protocol per capability. Arrays are global (split over the
+# mesh) inside jit; `batch` is what `eval_preprocess` made, with a "mask" added.
+
+
+@runtime_checkable
+class Evaluable(Protocol):
+  """What every evaluator reads of a task."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+
+
+@runtime_checkable
+class Preprocessed(Evaluable, Protocol):
+  """A task whose evaluator reads a split: examples -> the batch its methods take."""
+
+  def eval_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+    """A NumPy batch of examples (plus "position") -> the evaluation batch."""
+
+
+@runtime_checkable
+class Classifier(Preprocessed, Protocol):
+  """Evaluated by `evals.classification`; batches hold "image" and "label"."""
+
+  def logits(self, params, extras, images: jax.Array) -> jax.Array:
+    """images [b, h, w, c] -> logits [b, classes]."""
+
+
+@runtime_checkable
+class Embedder(Preprocessed, Protocol):
+  """Evaluated by `evals.zeroshot`; batches hold "image", "tokens" and "label"."""
+
+  def embed(self, params, extras, batch) -> tuple[jax.Array, jax.Array]:
+    """-> (image embeddings [b, d], text embeddings [b, d])."""
+
+  def class_text_embeddings(self, params, extras) -> np.ndarray | None:
+    """-> [classes, templates, d], or None for a task without classes."""
+
+
+@runtime_checkable
+class Reconstructor(Preprocessed, Protocol):
+  """Evaluated by `evals.reconstruction`; batches hold "image" in [-1, 1]."""
+
+  def reconstruct(self, params, extras, images: jax.Array):
+    """images [b, h, w, c] -> (reconstructions [b, h, w, c], posterior mean, log-variance)."""
+
+
+@runtime_checkable
+class Sampler(Evaluable, Protocol):
+  """Evaluated by `evals.sample_quality`: class-conditional samples."""
+  class_names: tuple[str, ...]
+
+  def sample(self, params, extras, labels: np.ndarray, guidance: float) -> np.ndarray:
+    """labels [n] (class indices) -> images [n, h, w, c] in [0, 1]."""
+
+
+@runtime_checkable
+class Generator(Preprocessed, Protocol):
+  """Evaluated by `evals.vqa`; batches hold "image", "prompt", "answer" and "kind"."""
+
+  def generate(self, params, extras, images: jax.Array, prompt: jax.Array) -> jax.Array:
+    """images [b, H, W, C], prompt tokens [b, p] -> greedy answer tokens [b, a_len]."""
+
+
+@runtime_checkable
+class Predictor(Preprocessed, Protocol):
+  """Evaluated by `evals.itm`; batches hold "image", "tokens", "match", "targets",
+  "mlm_tokens" and "mlm_weight"."""
+
+  def predict(self, params, extras, images: jax.Array, tokens: jax.Array) -> dict:
+    """-> {"itm_logit": [b], "mlm_logits": [b, T, vocab]}."""
