@@ -189,12 +189,24 @@ def _error_lines(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if not log.match(line)]
 
 
+def test_the_lock_is_not_reentrant_and_released_at_the_end(tmp_path):
+  with checkpoints.WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / "lock").read_text()) == {"host": socket.gethostname(),
+                                                           "pid": os.getpid()}
+    with pytest.raises(checkpoints.WorkdirLocked, match=f"in use by PID {os.getpid()}"):
+      with checkpoints.WorkdirLock(str(tmp_path)):
+        pass
+    assert (tmp_path / "lock").exists()  # The failed second attempt left it alone.
+  assert not (tmp_path / "lock").exists()
+  with checkpoints.WorkdirLock(str(tmp_path)):  # Free again.
+    pass
+
+
 def test_second_run_on_a_locked_workdir_stops_at_once(tmp_path):
-  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(),
-                                             "pid": os.getpid()}))
-  # The lock is taken right after JAX starts, before any data or compilation; a timing
-  # assertion would make the test flaky on a busy machine, so the bound is generous.
-  proc = lh.run(SMOKE, tmp_path, check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
+  # The lock is taken before any data is read or anything compiled; a timing assertion
+  # would make the test flaky on a busy machine, so the bound is generous.
+  with checkpoints.WorkdirLock(str(tmp_path)):  # This process holds it.
+    proc = lh.run(SMOKE, tmp_path, check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
   assert proc.returncode != 0
   assert "Compiling" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith(f"error: {tmp_path} is in use by PID "

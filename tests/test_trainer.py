@@ -228,6 +228,10 @@ def test_load_run_reads_another_runs_parameters_and_checks_its_task(tmp_path):
   run = runs.load_run(str(tmp_path), task="linear")
   assert run.step == 5 and run.config["task"] == "linear"
   assert run.params["w"].shape == (4,) and run.extras == {}
+  assert run.field("optimizer.name") == "sgd"
+  with pytest.raises(ValueError, match=r"config.json has no field 'model.text_width': it was "
+                                       r"written by an older mmjax"):
+    run.field("model.text_width")
   with pytest.raises(ValueError, match=r"config.clip_workdir=.* is a 'linear' run; a 'clip' "):
     runs.load_run(str(tmp_path), task="clip", field="clip_workdir")
   with pytest.raises(FileNotFoundError, match=r"config.clip_workdir='.*nowhere' holds no run"):
@@ -359,17 +363,14 @@ class WideTask(LinearTask):
     return {"w": jnp.zeros(4), "b": jnp.zeros((8, 8))}, {}
 
 
-def test_eval_only_reads_a_checkpoint_of_the_other_optimizer_layout(tmp_path):
-  """A run written without config.optimizer.flatten evaluates with it on (and back):
-  evaluation needs the parameters, not the optimizer state."""
-  final = {False: _train(_config(num_train_steps=10), tmp_path / "tree"),
-           True: _train(_flat_config(num_train_steps=10), tmp_path / "flat")}
+def test_eval_only_refuses_a_checkpoint_of_another_optimizer_layout_or_model(tmp_path):
+  """A run written without config.optimizer.flatten does not evaluate with it on: the
+  error says what to set, as it does for another model."""
+  _train(_config(num_train_steps=10), tmp_path / "tree")
   mesh = parallel.make_mesh()
-  for written, other in ((False, _flat_config(num_train_steps=10)),
-                         (True, _config(num_train_steps=10))):
-    again = trainer.evaluate_only(other, str(tmp_path / ("flat" if written else "tree")),
-                                  LinearTask(other, mesh), mesh)
-    assert again["eval/w_error"] == final[written]["eval/w_error"]
-  other = _flat_config(num_train_steps=10)
-  with pytest.raises(ValueError, match="does not fit"):  # Another model: still refused.
-    trainer.evaluate_only(other, str(tmp_path / "tree"), WideTask(other, mesh), mesh)
+  for other, task_cls in ((_flat_config(num_train_steps=10), LinearTask),
+                          (_config(num_train_steps=10), WideTask)):
+    with pytest.raises(ValueError, match=r"does not fit this config's model and optimizer "
+                                         r"\(was it written by another experiment, or with "
+                                         r"another config.optimizer.flatten\?\)"):
+      trainer.evaluate_only(other, str(tmp_path / "tree"), task_cls(other, mesh), mesh)
