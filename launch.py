@@ -130,11 +130,10 @@ def _main(argv):
   logging.info("Process %d of %d; %d local of %d devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices())
-  logging.info("Config:\n%s", config)
   mesh = parallel.make_mesh(shape=config.get("mesh"))
   task = tasks.get_task(config, mesh)  # Cheap: checks the model's fields, reads no data.
   # The trainer checks the batch size and the config, and takes the workdir's lock,
-  # before it reads any data or compiles anything.
+  # before it logs the config, reads any data or compiles anything.
   if _EVAL_ONLY.value:
     final = trainer.evaluate_only(config, _WORKDIR.value, task, mesh)
   else:

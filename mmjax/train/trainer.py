@@ -297,6 +297,7 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   without a checkpoint is an error unless `config.init_from` gives the weights, and
   nothing in the workdir is moved.
   """
+  logging.info("Config:\n%s", config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
   latest = mngr.latest_step()
   if training:
