@@ -122,32 +122,18 @@ def _main(argv):
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
 
+  from mmjax import parallel
   from mmjax import tasks
-  from mmjax.train import checkpoints
-  from mmjax.train import guards
-  from mmjax.train import sharding
   from mmjax.train import trainer
 
   config = _CONFIG.value
-  if not _EVAL_ONLY.value:
-    with checkpoints.WorkdirLock(_WORKDIR.value):  # At once: a second run stops here.
-      guards.validate(config)
-      _run(config, trainer, tasks, sharding)
-  else:
-    _run(config, trainer, tasks, sharding)
-
-
-def _run(config, trainer, tasks, sharding):
-  import jax  # pylint: disable=g-import-not-at-top
   logging.info("Process %d of %d; %d local of %d devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices())
-  logging.info("Config:\n%s", config)
-  mesh = sharding.make_mesh(shape=config.get("mesh"))
-  # Checks that need no compilation come first: batch sizes, model name, dataset.
-  sharding.check_batch_size(config.global_batch_size, mesh,
-                            accum_steps=config.get("grad_accum_steps") or 1)
-  task = tasks.get_task(config, mesh)
+  mesh = parallel.make_mesh(shape=config.get("mesh"))
+  task = tasks.get_task(config, mesh)  # Cheap: checks the model's fields, reads no data.
+  # The trainer checks the batch size and the config, and takes the workdir's lock,
+  # before it logs the config, reads any data or compiles anything.
   if _EVAL_ONLY.value:
     final = trainer.evaluate_only(config, _WORKDIR.value, task, mesh)
   else:

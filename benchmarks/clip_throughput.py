@@ -50,7 +50,8 @@ def main():
   import jax
   from experiments import clip_mnist
   from mmjax.tasks import clip as clip_task
-  from mmjax.train import sharding, throughput, trainer
+  from mmjax import parallel
+  from mmjax.train import throughput, trainer
 
   shapes = SHAPES[args.shapes]
   config = clip_mnist.get_config(f"loss={args.loss}")
@@ -61,7 +62,7 @@ def main():
   task.model_image_shape = shapes["image_shape"]  # What setup() reads from the dataset.
   state, opt = trainer.create_train_state(config, task, mesh)
   rng = jax.random.PRNGKey(0)
-  batch = sharding.global_batch({
+  batch = parallel.global_batch({
       "image": jax.device_get(jax.random.normal(rng, (args.batch, *shapes["image_shape"]))),
       "tokens": jax.device_get(jax.random.randint(rng, (args.batch, config.model.max_text_len),
                                                   3, 259)),
@@ -168,13 +169,13 @@ def start_host(cpu_devices: int | None = None, reuse: bool = True) -> str:
 
 def apply_scale_flags(config, args):
   """Sets the config fields of `add_scale_flags`' flags; returns the mesh, batch checked."""
-  from mmjax.train import sharding
+  from mmjax import parallel
   config.global_batch_size = args.batch
   config.dtype, config.remat, config.grad_accum_steps = args.dtype, args.remat, args.accum
   config.mesh.fsdp = args.fsdp
   config.peak_tflops_per_device = args.peak_tflops
-  mesh = sharding.make_mesh(shape=config.mesh)
-  sharding.check_batch_size(args.batch, mesh, accum_steps=args.accum)
+  mesh = parallel.make_mesh(shape=config.mesh)
+  parallel.check_batch_size(args.batch, mesh, accum_steps=args.accum)
   return mesh
 
 

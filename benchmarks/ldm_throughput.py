@@ -51,7 +51,8 @@ def main():
   from mmjax.models.text import TextTransformer
   from mmjax.models.unet import UNet
   from mmjax.tasks import ldm
-  from mmjax.train import sharding, throughput, trainer
+  from mmjax import parallel
+  from mmjax.train import throughput, trainer
 
   class SyntheticLatentDiffusionTask(ldm.LatentDiffusionTask):
     """The diffusion task's model, loss and sampler on random latents: no first stage."""
@@ -81,7 +82,7 @@ def main():
   tokenizer = tokenizer_lib.ByteTokenizer(max_len=config.text.max_len)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, args.batch)
-  batch = sharding.global_batch({
+  batch = parallel.global_batch({
       "mean": rng.standard_normal((args.batch, *latent_shape), np.float32),
       "logvar": np.full((args.batch, *latent_shape), -6.0, np.float32),
       "tokens": tokenizer.encode([config.prompt.format(y) for y in labels]),

@@ -5,7 +5,7 @@ r"""Parameter + optimizer bytes per device at pod scale, on paper, as JSON lines
 
 For each model, the shapes of its parameters (`jax.eval_shape` of its init: nothing is
 allocated or compiled) and of AdamW's two moments (float32, `config.param_dtype`'s
-default), laid out by the trainer's FSDP rule (`mmjax.train.sharding.param_spec`: each
+default), laid out by the trainer's FSDP rule (`mmjax.train.parallel.param_spec`: each
 leaf of at least `--min-size` elements split along its largest axis that the fsdp size
 divides, the rest replicated). Prints the bytes one device holds for data parallelism
 (fsdp=1) and each fsdp size. Activations are not counted: they depend on the batch per
@@ -50,10 +50,10 @@ def abstract_params(name: str):
 
 def bytes_per_device(shapes, fsdp: int, min_size: int, copies: int) -> int:
   """Bytes one device holds of `copies` float32 trees shaped like `shapes`."""
-  from mmjax.train import sharding
+  from mmjax import parallel
   total = 0
   for shape in shapes:
-    split = sharding.param_spec(shape, fsdp, min_size) != sharding.P()
+    split = parallel.param_spec(shape, fsdp, min_size) != parallel.P()
     total += 4 * copies * math.prod(shape) // (fsdp if split else 1)
   return total
 

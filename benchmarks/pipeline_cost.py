@@ -5,7 +5,7 @@ r"""Host CPU time the MNIST input path costs per batch, as one JSON line.
 
 Draws `--batches` batches from the experiment's real `task.train_dataset` (Grain, its
 reading thread included) and hands each to what the trainer's step takes
-(`sharding.step_batch`; with `--global-arrays`, `sharding.global_batch`, the
+(`parallel.step_batch`; with `--global-arrays`, `parallel.global_batch`, the
 multi-process path), with no training. Every CPU-microsecond counted here (all threads
 of the process, `time.process_time`) is taken from the train step on a machine whose
 cores the step already uses. Prints the medians of `--repeats`: CPU and wall time per
@@ -27,21 +27,21 @@ def main():
   parser.add_argument("--batches", type=int, default=400)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--global-arrays", action="store_true",
-                      help="time sharding.global_batch (make_array_from_process_local_data)")
+                      help="time parallel.global_batch (make_array_from_process_local_data)")
   args = parser.parse_args()
 
   import jax
   from experiments import mnist_lenet
   from mmjax import tasks
   from mmjax.data import pipeline
-  from mmjax.train import sharding
+  from mmjax import parallel
 
   config = mnist_lenet.get_config()
   config.global_batch_size = args.batch
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = tasks.get_task(config, mesh)
   task.setup()
-  to_step = sharding.global_batch if args.global_arrays else sharding.step_batch
+  to_step = parallel.global_batch if args.global_arrays else parallel.step_batch
   train_iter = iter(task.train_dataset(pipeline.Sharding()))
   for _ in range(20):  # Warm-up: the reading thread started, the buffer filled.
     to_step(next(train_iter), mesh)

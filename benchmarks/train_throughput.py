@@ -70,20 +70,21 @@ def main():
   import plain_flax
   from mmjax import tasks
   from mmjax.data import pipeline
-  from mmjax.train import sharding, trainer
+  from mmjax import parallel
+  from mmjax.train import trainer
 
   base_model, plain_model = plain_flax.MODELS.get(args.model, (args.model, None))
   config = mnist_lenet.get_config(f"model={base_model}")
   config.global_batch_size = args.batch
   config.dtype = args.dtype
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = tasks.get_task(config, mesh)
   task.setup()
   if plain_model is not None:
     task.model = plain_model()
   state, opt = trainer.create_train_state(config, task, mesh)
   train_iter = iter(task.train_dataset(pipeline.Sharding()))
-  batch = sharding.global_batch(next(train_iter), mesh)
+  batch = parallel.global_batch(next(train_iter), mesh)
 
   t = time.perf_counter()
   step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
@@ -99,7 +100,7 @@ def main():
     nonlocal state
     t = time.perf_counter()
     for _ in range(args.steps):
-      b = sharding.step_batch(next(train_iter), mesh) if fresh_batches else batch
+      b = parallel.step_batch(next(train_iter), mesh) if fresh_batches else batch
       state, _ = step(state, b)
     jax.block_until_ready(state)
     return args.steps * args.batch / (time.perf_counter() - t)

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.frozen = ()
   # The device mesh: data x fsdp devices (-1: the rest). The batch splits over both;
   # parameters and optimizer state of at least fsdp_min_size elements split along fsdp
-  # (mmjax/train/sharding.py). grad_accum_steps micro-batches make one update.
+  # (mmjax/parallel.py). grad_accum_steps micro-batches make one update.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.fsdp_min_size = 2 ** 16
   c.grad_accum_steps = 1

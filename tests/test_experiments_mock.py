@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import tasks
 from mmjax.data import pipeline
+from mmjax import parallel
+from mmjax import tasks
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import sharding
 from mmjax.train import trainer
 
 import launch_helpers as lh
@@ -41,7 +41,7 @@ def _config(name, arg):
 
 
 def _run(config, workdir):
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   final = trainer.train_and_evaluate(config, str(workdir), tasks.get_task(config, mesh), mesh)
   rows = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
   assert rows[-1]["step"] == config.num_train_steps

@@ -20,10 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import launch_helpers as lh
+from mmjax import parallel
 from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import sharding
 from mmjax.train import trainer
 from test_trainer import LinearTask, _config, _train
 
@@ -35,7 +35,7 @@ def _steps(workdir):
 
 
 def _restore_latest(config, workdir, **kw):
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = LinearTask(config, mesh)
   task.setup()
   state, _ = trainer.create_train_state(config, task, mesh)
@@ -78,7 +78,7 @@ def test_a_huge_finite_checkpoint_is_restored_not_moved_away(tmp_path):
   element by element that they are finite and keeps the checkpoint."""
   config = _config(num_train_steps=3)
   _train(config, tmp_path)
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = LinearTask(config, mesh)
   task.setup()
   state, _ = trainer.create_train_state(config, task, mesh)
@@ -189,12 +189,24 @@ def _error_lines(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if not log.match(line)]
 
 
+def test_the_lock_is_not_reentrant_and_released_at_the_end(tmp_path):
+  with checkpoints.WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / "lock").read_text()) == {"host": socket.gethostname(),
+                                                           "pid": os.getpid()}
+    with pytest.raises(checkpoints.WorkdirLocked, match=f"in use by PID {os.getpid()}"):
+      with checkpoints.WorkdirLock(str(tmp_path)):
+        pass
+    assert (tmp_path / "lock").exists()  # The failed second attempt left it alone.
+  assert not (tmp_path / "lock").exists()
+  with checkpoints.WorkdirLock(str(tmp_path)):  # Free again.
+    pass
+
+
 def test_second_run_on_a_locked_workdir_stops_at_once(tmp_path):
-  (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(),
-                                             "pid": os.getpid()}))
-  # The lock is taken right after JAX starts, before any data or compilation; a timing
-  # assertion would make the test flaky on a busy machine, so the bound is generous.
-  proc = lh.run(SMOKE, tmp_path, check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
+  # The lock is taken before any data is read or anything compiled; a timing assertion
+  # would make the test flaky on a busy machine, so the bound is generous.
+  with checkpoints.WorkdirLock(str(tmp_path)):  # This process holds it.
+    proc = lh.run(SMOKE, tmp_path, check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
   assert proc.returncode != 0
   assert "Compiling" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith(f"error: {tmp_path} is in use by PID "

@@ -11,12 +11,12 @@ import pytest
 
 from experiments import imagebert_mnist
 from experiments import vqa_mnist
-from mmjax import losses
-from mmjax import tasks
 from mmjax.data import pipeline
 from mmjax.interop import open_clip
+from mmjax import losses
 from mmjax.models import vit
-from mmjax.train import sharding
+from mmjax import parallel
+from mmjax import tasks
 from mmjax.train import trainer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "clip"
@@ -62,7 +62,7 @@ def _loaded():
 @pytest.mark.parametrize("name", ["vqa", "imagebert"])
 def test_starts_from_the_files_image_tower_and_trains(name, synthetic_mnist, loaded):
   clip, clip_params = loaded
-  config, mesh = _config(name), sharding.make_mesh()
+  config, mesh = _config(name), parallel.make_mesh()
   task = tasks.get_task(config, mesh)
   task.setup()
   assert task.image_shape == (64, 64, 3)  # Each 28-pixel cell resized to the file's 32.
@@ -94,7 +94,7 @@ def test_starts_from_the_files_image_tower_and_trains(name, synthetic_mnist, loa
 
 
 def test_cells_are_resized_and_normalised_as_clip_task_does(synthetic_mnist):
-  task = tasks.get_task(_config("vqa"), sharding.make_mesh())
+  task = tasks.get_task(_config("vqa"), parallel.make_mesh())
   grids = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 1), dtype=np.uint8)
   images = task.images(grids)  # [2, 64, 64, 3]
   assert images.shape == (2, 64, 64, 3)
@@ -109,11 +109,11 @@ def test_cells_are_resized_and_normalised_as_clip_task_does(synthetic_mnist):
 @pytest.mark.parametrize("name", ["vqa", "imagebert"])
 def test_init_from_and_clip_workdir_is_an_error(name):
   with pytest.raises(ValueError, match="pick one"):
-    tasks.get_task(_config(name, clip_workdir="workdirs/clip_mnist"), sharding.make_mesh())
+    tasks.get_task(_config(name, clip_workdir="workdirs/clip_mnist"), parallel.make_mesh())
 
 
 def test_imagebert_init_from_needs_region_features():
   config = _config("imagebert")
   config.model.vision_variant = None
   with pytest.raises(ValueError, match="init_from needs a ViT"):
-    tasks.get_task(config, sharding.make_mesh())
+    tasks.get_task(config, parallel.make_mesh())

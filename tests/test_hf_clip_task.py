@@ -16,7 +16,7 @@ from experiments import clip_mnist
 from mmjax import tasks
 from mmjax.interop import hf_tokenizer
 from mmjax.interop import load_pretrained
-from mmjax.train import sharding
+from mmjax import parallel
 from mmjax.train import trainer
 
 import launch_helpers as lh
@@ -44,7 +44,7 @@ def test_eval_only_runs_every_evaluator_on_a_hf_clip_folder(tmp_path):
   config = _config(CLIP)
   config.evals.probe = dict(type="linear_probe", l2_grid=(1e-3, 1e-1), steps=50)
   config.evals.kshot = dict(type="fewshot", shots=(1, 5), seeds=3)
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = tasks.get_task(config, mesh)
   assert isinstance(task.tokenizer, hf_tokenizer.PretrainedTokenizer)  # kind "auto".
   assert len(task.eval_templates) == 7
@@ -66,13 +66,13 @@ def test_eval_only_runs_every_evaluator_on_a_hf_clip_folder(tmp_path):
 
 def test_a_siglip_folder_needs_the_sigmoid_loss_and_a_tokenizer():
   with pytest.raises(ValueError, match="set --config.loss=sigmoid"):
-    tasks.get_task(_config(SIGLIP), sharding.make_mesh())
+    tasks.get_task(_config(SIGLIP), parallel.make_mesh())
   with pytest.raises(ValueError, match="no tokenizer mmjax reads.*tokenizer.kind=byte"):
-    tasks.get_task(_config(SIGLIP, loss="sigmoid"), sharding.make_mesh())
+    tasks.get_task(_config(SIGLIP, loss="sigmoid"), parallel.make_mesh())
   with pytest.raises(ValueError, match="kind='pretrained' reads a Hugging Face folder"):
     c = _config("", loss="sigmoid")
     c.tokenizer.kind = "pretrained"
-    tasks.get_task(c, sharding.make_mesh())
+    tasks.get_task(c, parallel.make_mesh())
 
 
 @pytest.mark.slow  # Reads the prepared MNIST copy.
@@ -84,8 +84,8 @@ def test_fine_tuning_a_siglip_folder_starts_at_its_params(tmp_path):
           "num_train_steps=2", "checkpoint_every_steps=2", "eval_every_steps=2",
           "optimizer.learning_rate=0.0", "optimizer.warmup_steps=0")
   lh.run("experiments/clip_mnist.py:smoke", tmp_path, *args, devices=2)
-  from mmjax.train import checkpoints  # pylint: disable=import-outside-toplevel
-  run = checkpoints.load_run(str(tmp_path), task="clip")
+  from mmjax import runs  # pylint: disable=import-outside-toplevel
+  run = runs.load_run(str(tmp_path), task="clip")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params),
                load_pretrained(SIGLIP).params)
   rows = lh.metrics(tmp_path)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mmjax.data import pipeline
 from mmjax import losses
 from mmjax import nn as mnn
-from mmjax.data import pipeline
-from mmjax.train import sharding
+from mmjax import parallel
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
 KERNEL = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 4)), jnp.float32)
@@ -139,7 +139,7 @@ def test_contrastive_scalars_must_be_scalars():
 
 @pytest.mark.parametrize("fn", ["info_nce_sharded", "sigmoid_contrastive_sharded"])
 def test_sharded_contrastive_checks(fn):
-  mesh = sharding.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(jax.devices()[:4])
   scalars = (0.1,) if fn == "info_nce_sharded" else (1.0, -1.0)
   loss = getattr(losses, fn)
   with pytest.raises(ValueError, match=f"{fn}: image_emb and text_emb must both be"):

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import losses
-from mmjax.train import sharding
+from mmjax import parallel
 
 
 def _np_normalise(x):
@@ -64,7 +64,7 @@ def test_perfect_alignment_gives_low_info_nce():
 def test_four_devices_equal_one_device_loss_and_gradients(kind):
   """The global batch on 4 devices, each holding 4 rows, vs the plain function."""
   img, txt = _embeddings(16, 8)
-  mesh = sharding.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(jax.devices()[:4])
   scalars = (jnp.float32(0.1),) if kind == "info_nce" else (jnp.float32(np.log(10.0)), jnp.float32(-5.0))
   plain = losses.info_nce if kind == "info_nce" else losses.sigmoid_contrastive
   sharded = losses.info_nce_sharded if kind == "info_nce" else losses.sigmoid_contrastive_sharded
@@ -83,7 +83,7 @@ def test_four_devices_equal_one_device_loss_and_gradients(kind):
 def test_each_device_computes_local_by_global_logits():
   """Inside the sharded loss, the logits are [local_batch, global_batch], not the square."""
   img, txt = _embeddings(16, 8)
-  mesh = sharding.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(jax.devices()[:4])
   rows = NamedSharding(mesh, P("data"))
   jaxpr = jax.make_jaxpr(lambda a, b: losses.info_nce_sharded(a, b, 0.1, mesh))(
       jax.device_put(img, rows), jax.device_put(txt, rows))
@@ -112,7 +112,7 @@ def test_zero_rows_give_finite_gradients(kind, devices):
   rows), and the loss that of zero vectors in those rows."""
   img, txt = _embeddings(16, 8)
   img[3], txt[10] = 0.0, 0.0
-  mesh = sharding.make_mesh(jax.devices()[:devices])
+  mesh = parallel.make_mesh(jax.devices()[:devices])
   if kind == "info_nce":
     scalars = (jnp.float32(0.1),)
     loss = functools.partial(losses.info_nce_sharded, mesh=mesh)

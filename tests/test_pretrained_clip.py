@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from experiments import clip_mnist
+from mmjax import parallel
 from mmjax import tasks
-from mmjax.train import sharding
 from mmjax.train import trainer
 
 import launch_helpers as lh
@@ -43,7 +43,7 @@ def _config(**fields):
 @pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_eval_only_evaluates_the_loaded_weights(tmp_path):
   config = _config()
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   task = tasks.get_task(config, mesh)
   metrics = trainer.evaluate_only(config, str(tmp_path), task, mesh)
   for key in ("eval/zeroshot_top1", "eval/i2t_recall@1", "eval/t2i_recall@10"):
@@ -70,7 +70,7 @@ def test_class_names_and_templates_come_from_the_config():
   config = _config()
   config.zeroshot.class_names = tuple(f"digit {i}" for i in range(10))
   config.zeroshot.templates = ("a photo of {}.", "{}")
-  task = tasks.get_task(config, sharding.make_mesh())
+  task = tasks.get_task(config, parallel.make_mesh())
   task.setup()
   emb = task.class_text_embeddings(task.pretrained()[0], {})
   assert emb.shape == (10, 2, 32)
@@ -81,15 +81,15 @@ def test_wrong_tokenizer_or_loss_is_a_clear_error():
   config.tokenizer.kind = "bpe"
   config.tokenizer.vocab = str(FIXTURES / "bpe_simple_vocab_16e6.txt.gz")
   with pytest.raises(ValueError, match="text vocabulary has 1000 entries"):
-    tasks.get_task(config, sharding.make_mesh())
+    tasks.get_task(config, parallel.make_mesh())
   with pytest.raises(ValueError, match="set --config.loss=softmax"):
-    tasks.get_task(_config(loss="sigmoid"), sharding.make_mesh())
+    tasks.get_task(_config(loss="sigmoid"), parallel.make_mesh())
 
 
 @pytest.mark.slow  # Reads the prepared MNIST copy.
 def test_eval_only_without_checkpoint_or_weights_says_what_to_do(tmp_path):
   config = _config(init_from="")
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   with pytest.raises(FileNotFoundError, match="--config.init_from"):
     trainer.evaluate_only(config, str(tmp_path), tasks.get_task(config, mesh), mesh)
 
@@ -102,9 +102,9 @@ def test_fine_tuning_starts_at_the_loaded_params(tmp_path):
           "eval_every_steps=2", "optimizer.learning_rate=0.0", "optimizer.warmup_steps=0")
   lh.run("experiments/clip_mnist.py:smoke", tmp_path, *args, devices=8)
   from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-  from mmjax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  from mmjax import runs  # pylint: disable=import-outside-toplevel
   _, loaded = open_clip.load(WEIGHTS, quick_gelu=True, vision_heads=4, text_heads=4)
-  run = checkpoints.load_run(str(tmp_path), task="clip")
+  run = runs.load_run(str(tmp_path), task="clip")
   # Learning rate 0: the checkpoint holds the loaded parameters exactly.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params), loaded)
   rows = lh.metrics(tmp_path)

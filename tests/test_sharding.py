@@ -13,10 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax import configs
 from mmjax.data import pipeline
+from mmjax import parallel
 from mmjax.tasks import base
 from mmjax.tasks import clip as clip_task
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import sharding
 from mmjax.train import trainer
 
 
@@ -62,7 +62,7 @@ def _config(**overrides):
 
 
 def _train(config, workdir, n, mesh_shape=None):
-  mesh = sharding.make_mesh(jax.devices()[:n], mesh_shape)
+  mesh = parallel.make_mesh(jax.devices()[:n], mesh_shape)
   trainer.train_and_evaluate(config, str(workdir), MlpTask(config, mesh), mesh)
   return metrics_lib.read_jsonl(workdir / "metrics.jsonl")
 
@@ -72,26 +72,26 @@ def _losses(rows):
 
 
 def test_mesh_shapes_and_clear_errors():
-  assert sharding.mesh_shape({"data": -1, "fsdp": 4}, 8) == (2, 4)
-  assert sharding.mesh_shape(None, 8) == (8, 1)
-  assert sharding.mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
+  assert parallel.mesh_shape({"data": -1, "fsdp": 4}, 8) == (2, 4)
+  assert parallel.mesh_shape(None, 8) == (8, 1)
+  assert parallel.mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
   with pytest.raises(ValueError, match="unknown axes.*'tensor'"):
-    sharding.mesh_shape({"tensor": 2}, 8)
+    parallel.mesh_shape({"tensor": 2}, 8)
   with pytest.raises(ValueError, match="covers 6 devices, but the job has 8"):
-    sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
+    parallel.mesh_shape({"data": 3, "fsdp": 2}, 8)
   with pytest.raises(ValueError, match="3 does not divide the 8 devices"):
-    sharding.mesh_shape({"fsdp": 3}, 8)
-  mesh = sharding.make_mesh(jax.devices()[:8], {"fsdp": 4})
+    parallel.mesh_shape({"fsdp": 3}, 8)
+  mesh = parallel.make_mesh(jax.devices()[:8], {"fsdp": 4})
   with pytest.raises(ValueError, match=r"grad_accum_steps.*multiple of 32"):
-    sharding.check_batch_size(48, mesh, accum_steps=4)
+    parallel.check_batch_size(48, mesh, accum_steps=4)
 
 
 def test_the_fsdp_rule():
-  assert sharding.param_spec((16, 64), 8, 256) == P(None, "fsdp")  # Largest divisible axis.
-  assert sharding.param_spec((64, 24), 8, 256) == P("fsdp")
-  assert sharding.param_spec((7, 9), 8, 1) == P()  # No axis divisible.
-  assert sharding.param_spec((64,), 8, 256) == P()  # Small.
-  assert sharding.param_spec((16, 64), 1, 1) == P()  # fsdp=1: data parallel.
+  assert parallel.param_spec((16, 64), 8, 256) == P(None, "fsdp")  # Largest divisible axis.
+  assert parallel.param_spec((64, 24), 8, 256) == P("fsdp")
+  assert parallel.param_spec((7, 9), 8, 1) == P()  # No axis divisible.
+  assert parallel.param_spec((64,), 8, 256) == P()  # Small.
+  assert parallel.param_spec((16, 64), 1, 1) == P()  # fsdp=1: data parallel.
 
 
 @functools.cache
@@ -110,7 +110,7 @@ def test_any_mesh_gives_the_losses_of_one_device(tmp_path, mesh_shape):
 
 def test_fsdp_8_holds_an_eighth_of_the_big_leaves_per_device():
   config = _config(mesh={"fsdp": 8})
-  mesh = sharding.make_mesh(jax.devices()[:8], config.mesh)
+  mesh = parallel.make_mesh(jax.devices()[:8], config.mesh)
   task = MlpTask(config, mesh)
   task.setup()
   state, _ = trainer.create_train_state(config, task, mesh)
@@ -155,7 +155,7 @@ def test_contrastive_accumulation_keeps_the_global_batch_as_negatives(loss):
            "tokens": rng.integers(3, 200, (32, 12)).astype(np.int32),
            "label": rng.integers(0, 10, 32).astype(np.int32)}
   steps, state = [], None
-  mesh = sharding.make_mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(jax.devices()[:4])
   for k in (1, 4):
     config = _clip_config(loss)
     config.grad_accum_steps = k
@@ -163,7 +163,7 @@ def test_contrastive_accumulation_keeps_the_global_batch_as_negatives(loss):
     task.model_image_shape = (28, 28, 1)  # What setup() reads from the dataset.
     if state is None:  # The same initial state for both (not donated: no in-place update).
       state, opt = trainer.create_train_state(config, task, mesh)
-    steps.append(trainer._make_train_step(task, opt, k, sharding.batch_sharded(mesh)))
+    steps.append(trainer._make_train_step(task, opt, k, parallel.batch_sharded(mesh)))
   # Both steps from the same state, in one program (one compilation).
   (p1, m1), (p4, m4) = jax.device_get(jax.jit(
       lambda state, batch: [(s[0].params, s[1]) for s in (f(state, batch) for f in steps)])(

@@ -11,14 +11,15 @@ import optax
 import pytest
 
 from mmjax import configs
-from mmjax import evals
-from mmjax import tasks
 from mmjax.data import pipeline
+from mmjax import evals
+from mmjax import parallel
+from mmjax import runs
+from mmjax import tasks
 from mmjax.tasks import base
 from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
-from mmjax.train import sharding
 from mmjax.train import trainer
 
 TARGET = np.arange(1.0, 5.0, dtype=np.float32)
@@ -72,7 +73,7 @@ def _config(**overrides):
 
 
 def _train(config, workdir, devices=None, task_cls=LinearTask):
-  mesh = sharding.make_mesh(devices)
+  mesh = parallel.make_mesh(devices)
   return trainer.train_and_evaluate(config, str(workdir), task_cls(config, mesh), mesh)
 
 
@@ -109,7 +110,7 @@ def test_unknown_evaluator_type_or_field_is_a_clear_error(tmp_path):
 
 def test_eval_only_reproduces_the_last_evaluation(tmp_path):
   final = _train(_config(num_train_steps=25), tmp_path)
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   config = _config(num_train_steps=25)
   again = trainer.evaluate_only(config, str(tmp_path), LinearTask(config, mesh), mesh)
   assert again["eval/w_error"] == final["eval/w_error"]
@@ -129,7 +130,7 @@ def test_frozen_leaves_are_not_updated_and_have_no_optimizer_state(tmp_path):
     config = _config(num_train_steps=10, frozen=frozen)
     config.optimizer.name = "adam"
     _train(config, tmp_path / str(len(frozen)), jax.devices()[:1])
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    mesh = parallel.make_mesh(jax.devices()[:1])
     task = LinearTask(config, mesh)
     task.setup()
     state, opt = trainer.create_train_state(config, task, mesh)
@@ -224,13 +225,17 @@ def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
 
 def test_load_run_reads_another_runs_parameters_and_checks_its_task(tmp_path):
   _train(_config(num_train_steps=5), tmp_path, jax.devices()[:1])
-  run = checkpoints.load_run(str(tmp_path), task="linear")
+  run = runs.load_run(str(tmp_path), task="linear")
   assert run.step == 5 and run.config["task"] == "linear"
   assert run.params["w"].shape == (4,) and run.extras == {}
+  assert run.field("optimizer.name") == "sgd"
+  with pytest.raises(ValueError, match=r"config.json has no field 'model.text_width': it was "
+                                       r"written by an older mmjax"):
+    run.field("model.text_width")
   with pytest.raises(ValueError, match=r"config.clip_workdir=.* is a 'linear' run; a 'clip' "):
-    checkpoints.load_run(str(tmp_path), task="clip", field="clip_workdir")
+    runs.load_run(str(tmp_path), task="clip", field="clip_workdir")
   with pytest.raises(FileNotFoundError, match=r"config.clip_workdir='.*nowhere' holds no run"):
-    checkpoints.load_run(str(tmp_path / "nowhere"), task="clip", field="clip_workdir")
+    runs.load_run(str(tmp_path / "nowhere"), task="clip", field="clip_workdir")
 
 
 def test_unknown_task_lists_every_task():
@@ -258,7 +263,7 @@ def test_log_rows_carry_throughput_and_mfu_and_a_profile_window(tmp_path):
 
 def test_the_initialisation_compiles_unoptimised_on_a_cpu_with_the_same_values():
   config = _config()
-  mesh = sharding.make_mesh(jax.devices()[:2])
+  mesh = parallel.make_mesh(jax.devices()[:2])
   assert trainer.run_once_options(mesh) == {"xla_backend_optimization_level": 0}
   task = LinearTask(config, mesh)
   task.setup()
@@ -274,7 +279,7 @@ def test_the_step_flops_are_per_device():
   flops = []
   for n in (1, 4):
     config = _config()
-    mesh = sharding.make_mesh(jax.devices()[:n])
+    mesh = parallel.make_mesh(jax.devices()[:n])
     task = LinearTask(config, mesh)
     task.setup()
     state, opt = trainer.create_train_state(config, task, mesh)
@@ -358,17 +363,14 @@ class WideTask(LinearTask):
     return {"w": jnp.zeros(4), "b": jnp.zeros((8, 8))}, {}
 
 
-def test_eval_only_reads_a_checkpoint_of_the_other_optimizer_layout(tmp_path):
-  """A run written without config.optimizer.flatten evaluates with it on (and back):
-  evaluation needs the parameters, not the optimizer state."""
-  final = {False: _train(_config(num_train_steps=10), tmp_path / "tree"),
-           True: _train(_flat_config(num_train_steps=10), tmp_path / "flat")}
-  mesh = sharding.make_mesh()
-  for written, other in ((False, _flat_config(num_train_steps=10)),
-                         (True, _config(num_train_steps=10))):
-    again = trainer.evaluate_only(other, str(tmp_path / ("flat" if written else "tree")),
-                                  LinearTask(other, mesh), mesh)
-    assert again["eval/w_error"] == final[written]["eval/w_error"]
-  other = _flat_config(num_train_steps=10)
-  with pytest.raises(ValueError, match="does not fit"):  # Another model: still refused.
-    trainer.evaluate_only(other, str(tmp_path / "tree"), WideTask(other, mesh), mesh)
+def test_eval_only_refuses_a_checkpoint_of_another_optimizer_layout_or_model(tmp_path):
+  """A run written without config.optimizer.flatten does not evaluate with it on: the
+  error says what to set, as it does for another model."""
+  _train(_config(num_train_steps=10), tmp_path / "tree")
+  mesh = parallel.make_mesh()
+  for other, task_cls in ((_flat_config(num_train_steps=10), LinearTask),
+                          (_config(num_train_steps=10), WideTask)):
+    with pytest.raises(ValueError, match=r"does not fit this config's model and optimizer "
+                                         r"\(was it written by another experiment, or with "
+                                         r"another config.optimizer.flatten\?\)"):
+      trainer.evaluate_only(other, str(tmp_path / "tree"), task_cls(other, mesh), mesh)

@@ -11,9 +11,9 @@ import pytest
 
 import launch_helpers as lh
 from mmjax import models
+from mmjax import parallel
 from mmjax.tasks import imagebert as imagebert_task
 from mmjax.tasks import vqa as vqa_task
-from mmjax.train import sharding
 from mmjax.train import trainer
 
 pytestmark = pytest.mark.slow  # Every test here runs on the prepared MNIST copy.
@@ -89,14 +89,14 @@ def test_vqa_vision_starts_from_a_clip_runs_image_tower(tmp_path):
   config = _vqa_config(f"smoke,clip_workdir={tmp_path}")
   assert config.model.vision_variant == "mu/4" and config.model.image_split == 2
   assert config.frozen == ("vision/.*",)
-  task = vqa_task.VqaTask(config, sharding.make_mesh())
+  task = vqa_task.VqaTask(config, parallel.make_mesh())
   task.setup()
   params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(params["vision"]), jax.tree.leaves(clip_params["image_tower"])):
     np.testing.assert_array_equal(a, b)
   config = _vqa_config(f"smoke,clip_workdir={tmp_path}")
   config.model.vision_variant = "mu/7"
-  task = vqa_task.VqaTask(config, sharding.make_mesh())
+  task = vqa_task.VqaTask(config, parallel.make_mesh())
   task.setup()
   with pytest.raises(ValueError, match="variant"):
     jax.jit(task.init)(jax.random.PRNGKey(0))
@@ -109,7 +109,7 @@ def test_imagebert_regions_start_from_a_clip_runs_image_tower(tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(f"smoke,clip_workdir={tmp_path}")
-  task = imagebert_task.ImageBertTask(config, sharding.make_mesh())
+  task = imagebert_task.ImageBertTask(config, parallel.make_mesh())
   task.setup()
   assert task.model.max_len == 2 + 4 + config.max_text_len  # One token per grid cell.
   params, _ = jax.jit(task.init)(jax.random.PRNGKey(0))
@@ -117,4 +117,4 @@ def test_imagebert_regions_start_from_a_clip_runs_image_tower(tmp_path):
     np.testing.assert_array_equal(a, b)
   config.model.vision_variant = None
   with pytest.raises(ValueError, match="vision_variant"):
-    imagebert_task.ImageBertTask(config, sharding.make_mesh())
+    imagebert_task.ImageBertTask(config, parallel.make_mesh())

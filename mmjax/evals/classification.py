@@ -4,19 +4,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mmjax import losses
 from mmjax.data import pipeline
 from mmjax.evals import common
+from mmjax import losses
+from mmjax.tasks import base
 
 
 class Classification:
   """eval/loss and eval/accuracy of `task.logits` on every example of `split`.
 
-  Calls `task.logits(params, extras, images [b, h, w, c]) -> [b, classes]` on batches
-  made by `task.eval_preprocess(batch)` ("image", "label").
+  Needs a `tasks.base.Classifier`: `task.logits` on batches of `task.eval_preprocess`.
   """
 
-  def __init__(self, task, split: str | None = None, batch_size: int | None = None):
+  def __init__(self, task: base.Classifier, split: str | None = None,
+               batch_size: int | None = None):
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)

@@ -4,12 +4,12 @@ from typing import Callable
 import jax
 
 from mmjax.data import pipeline
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
 
 
 def check_eval_batch(batch_size: int, mesh) -> int:
   """`batch_size`, after checking that it splits over the mesh (ValueError if not)."""
-  sharding_lib.check_batch_size(batch_size, mesh, "eval_batch_size")
+  parallel.check_batch_size(batch_size, mesh, "eval_batch_size")
   return batch_size
 
 
@@ -23,7 +23,7 @@ def eval_batches(source, batch_size: int, preprocess: Callable):
 def global_batches(dataset, mesh):
   """Each local batch of an eval dataset as a global batch sharded over `mesh`."""
   for local in dataset:
-    yield sharding_lib.global_batch(local, mesh)
+    yield parallel.global_batch(local, mesh)
 
 
 def sum_over_batches(batch_sums: Callable, dataset, mesh) -> dict[str, float]:

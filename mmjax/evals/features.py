@@ -6,7 +6,7 @@ import numpy as np
 
 from mmjax.data import pipeline
 from mmjax.evals import common
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
 
 
 class ImageEmbeddings:
@@ -25,7 +25,7 @@ class ImageEmbeddings:
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or task.config.eval_batch_size,
                                               task.mesh)
-    self._embed = jax.jit(self._embed_batch, out_shardings=sharding_lib.replicated(task.mesh))
+    self._embed = jax.jit(self._embed_batch, out_shardings=parallel.replicated(task.mesh))
     self._sources = {}
 
   def _embed_batch(self, params, extras, batch):

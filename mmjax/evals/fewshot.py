@@ -4,6 +4,7 @@ import numpy as np
 
 from mmjax.evals import features
 from mmjax.evals import retrieval
+from mmjax.tasks import base
 
 
 def sample_shots(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +59,7 @@ class FewShot:
   the default) or by ridge regression ("ridge", penalty `l2`).
   """
 
-  def __init__(self, task, split: str | None = None, train_split: str | None = None,
+  def __init__(self, task: base.Embedder, split: str | None = None, train_split: str | None = None,
                batch_size: int | None = None, shots=(1, 5, 10), seeds: int = 5,
                method: str = "prototype", l2: float = 1.0):
     c = task.config

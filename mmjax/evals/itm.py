@@ -8,18 +8,18 @@ import optax
 from mmjax.data import pipeline
 from mmjax.data import vqa
 from mmjax.evals import common
+from mmjax.tasks import base
 
 
 class MatchingAndMasking:
   """eval/itm_accuracy, eval/itm_loss and eval/mlm_accuracy on `num_grids` fixed grids
   of the eval split.
 
-  Calls `task.predict(params, extras, images, tokens) -> {"itm_logit" [b],
-  "mlm_logits" [b, T, vocab]}` on batches made by `task.eval_preprocess` ("image",
-  "tokens", "match", "targets", "mlm_tokens", "mlm_weight").
+  Needs a `tasks.base.Predictor`: `task.predict` on batches of `task.eval_preprocess`.
   """
 
-  def __init__(self, task, num_grids: int = 2000, batch_size: int | None = None):
+  def __init__(self, task: base.Predictor, num_grids: int = 2000,
+               batch_size: int | None = None):
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)

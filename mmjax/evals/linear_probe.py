@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from mmjax.evals import features
+from mmjax.tasks import base
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -91,7 +92,7 @@ class LinearProbe:
   `task.eval_preprocess`'s batches), fits `probe` on the first and scores the second.
   """
 
-  def __init__(self, task, split: str | None = None, train_split: str | None = None,
+  def __init__(self, task: base.Embedder, split: str | None = None, train_split: str | None = None,
                batch_size: int | None = None, l2_grid=(1e-5, 1e-4, 1e-3, 1e-2),
                steps: int = 300):
     c = task.config

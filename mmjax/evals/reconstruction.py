@@ -9,18 +9,19 @@ from mmjax.data import pipeline
 from mmjax.evals import common
 from mmjax.evals import generative
 from mmjax.models import autoencoder as ae_lib
+from mmjax.tasks import base
 
 
 class Reconstruction:
   """eval/recon_mse (pixels in [0, 1]), eval/kl, eval/latent_rms, and an image of
   `num_images` test images over their reconstructions ("reconstructions").
 
-  Calls `task.reconstruct(params, extras, images in [-1, 1]) -> (recon, mean, logvar)`
-  on batches made by `task.eval_preprocess` ("image").
+  Needs a `tasks.base.Reconstructor`: `task.reconstruct` on batches of
+  `task.eval_preprocess`.
   """
 
-  def __init__(self, task, split: str | None = None, batch_size: int | None = None,
-               num_images: int = 8):
+  def __init__(self, task: base.Reconstructor, split: str | None = None,
+               batch_size: int | None = None, num_images: int = 8):
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)

@@ -3,11 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import models
 from mmjax.data import pipeline
 from mmjax.evals import generative
-from mmjax.train import checkpoints
-from mmjax.train import sharding as sharding_lib
+from mmjax import models
+from mmjax import parallel
+from mmjax import runs
+from mmjax.tasks import base
 
 
 class SampleQuality:
@@ -21,33 +22,33 @@ class SampleQuality:
   test split. Without a classifier only the sample grids ("samples/guidance_{g}",
   `grid_per_class` per class) are made.
 
-  Calls `task.sample(params, extras, labels [n], guidance) -> images [n, h, w, c] in
-  [0, 1]`, and reads `task.class_names`.
+  Needs a `tasks.base.Sampler`: `task.sample` and `task.class_names`.
   """
 
-  def __init__(self, task, classifier_workdir: str = "", samples_per_class: int = 100,
-               guidance_scales=(0.0, 1.0, 2.0, 4.0), grid_per_class: int = 8):
+  def __init__(self, task: base.Sampler, classifier_workdir: str = "",
+               samples_per_class: int = 100, guidance_scales=(0.0, 1.0, 2.0, 4.0),
+               grid_per_class: int = 8):
     c = task.config
     self.task = task
     self.guidance_scales = tuple(float(g) for g in guidance_scales)
     self.grid_per_class = grid_per_class
     num_classes = len(task.class_names)
     self.labels = np.repeat(np.arange(num_classes), samples_per_class)
-    sharding_lib.check_batch_size(len(self.labels), task.mesh,
+    parallel.check_batch_size(len(self.labels), task.mesh,
                                   f"evals.*.samples_per_class x {num_classes}")
     self.judge = None
     if classifier_workdir:
-      run = checkpoints.load_run(classifier_workdir, task="classify",
+      run = runs.load_run(classifier_workdir, task="classify",
                                  field="evals.*.classifier_workdir")
-      if run.config["model"] != "lenet5":
+      if run.field("model") != "lenet5":
         raise ValueError(f"The classifier_workdir of a sample_quality evaluator must hold a "
                          f"LeNet-5 run (its 84-unit layer is the FLD feature space); "
                          f"{classifier_workdir} holds {run.config['model']!r}.")
       self.judge = models.LeNet5()
       self.judge_params = jax.device_get(run.params)
-      self.judge_norm = pipeline.normalisation(run.config["dataset"]["name"])
+      self.judge_norm = pipeline.normalisation(run.field("dataset.name"))
       self._classify = jax.jit(self._classify_fn,
-                               out_shardings=sharding_lib.replicated(task.mesh))
+                               out_shardings=parallel.replicated(task.mesh))
       self.test_features = self._features(
           pipeline.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
       train = pipeline.load_source(c.dataset, c.dataset.train_split).arrays["image"]

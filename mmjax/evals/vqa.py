@@ -7,25 +7,26 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.data import vqa
 from mmjax.evals import common
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
+from mmjax.tasks import base
 
 
 class VqaExactMatch:
   """eval/vqa_exact_match and eval/vqa_exact_match/{cell,count,presence} on `num_grids`
   fixed grids of the eval split (one question each, kinds in turn).
 
-  Calls `task.generate(params, extras, images, prompt) -> answer tokens [b, a_len]` on
-  batches made by `task.eval_preprocess` ("image", "prompt", "answer", "kind").
+  Needs a `tasks.base.Generator`: `task.generate` on batches of `task.eval_preprocess`.
   """
 
-  def __init__(self, task, num_grids: int = 1500, batch_size: int | None = None):
+  def __init__(self, task: base.Generator, num_grids: int = 1500,
+               batch_size: int | None = None):
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
     self.source = vqa.GridSource(pipeline.load_source(c.dataset, c.dataset.eval_split),
                                  num_grids, seed=vqa.EVAL_GRID_SEED)
     self._generate = jax.jit(self._generate_batch,
-                             out_shardings=sharding_lib.replicated(task.mesh))
+                             out_shardings=parallel.replicated(task.mesh))
 
   def _generate_batch(self, params, extras, batch):
     answers = self.task.generate(params, extras, batch["image"], batch["prompt"])

@@ -7,27 +7,28 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.evals import common
 from mmjax.evals import retrieval
-from mmjax.train import sharding as sharding_lib
+from mmjax import parallel
+from mmjax.tasks import base
 
 
 class ZeroShotRetrieval:
   """eval/zeroshot_top1 and eval/{i2t,t2i}_recall@{1,5,10} over a whole split.
 
-  Calls `task.embed(params, extras, batch) -> (image_emb [b, d], text_emb [b, d])` on
-  batches made by `task.eval_preprocess` ("image", "tokens", "label"), and
-  `task.class_text_embeddings(params, extras) -> [classes, templates, d]`, or None
-  when the task has no classes (then there is no eval/zeroshot_top1). An item is
-  relevant to a query when their labels are equal (see `retrieval.recall_at_k`): a
-  task whose captions are the data's gives each example its own label (its index).
+  Needs a `tasks.base.Embedder`: `task.embed` on batches of `task.eval_preprocess`, and
+  `task.class_text_embeddings`, None when the task has no classes (then there is no
+  eval/zeroshot_top1). An item is relevant to a query when their labels are equal (see
+  `retrieval.recall_at_k`): a task whose captions are the data's gives each example its
+  own label (its index).
   """
 
-  def __init__(self, task, split: str | None = None, batch_size: int | None = None):
+  def __init__(self, task: base.Embedder, split: str | None = None,
+               batch_size: int | None = None):
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
     self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
     self._embed = jax.jit(self._embed_batch,
-                          out_shardings=sharding_lib.replicated(task.mesh))
+                          out_shardings=parallel.replicated(task.mesh))
 
   def _embed_batch(self, params, extras, batch):
     image_emb, text_emb = self.task.embed(params, extras, batch)

@@ -380,3 +380,9 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   st_numpy.save_file(state, os.fspath(path),
                      metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
   return config
+
+
+def config_kwargs(config) -> dict:
+  """`load`'s and `model_from_file`'s quick_gelu, vision_heads and text_heads, from a
+  task's config (the fields that say what a file may not record)."""
+  return {k: config.get(k) for k in ("quick_gelu", "vision_heads", "text_heads")}

@@ -1,5 +1,5 @@
 """Tasks: what differs per experiment (model, data, loss); `base.Task` is the interface."""
-import importlib
+from mmjax import registry
 
 # config.task -> "module:class", imported only when used.
 TASKS = {
@@ -14,8 +14,4 @@ TASKS = {
 
 def get_task(config, mesh):
   """The task named by `config.task`, built for `mesh` (cheap: `setup()` is not called)."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}: known tasks are "
-                     f"{', '.join(repr(t) for t in sorted(TASKS))}.")
-  module, _, name = TASKS[config.task].partition(":")
-  return getattr(importlib.import_module(module), name)(config, mesh)
+  return registry.lookup(TASKS, config.task, "task", "tasks")(config, mesh)

@@ -23,101 +23,34 @@ as negatives (the trainer's GradCache scheme, `trainer._loss_and_grads`).
 What is frozen is not the task's business: `config.frozen` (regexes over parameter
 paths such as "vision/.*") is applied by the trainer and the optimizer. Evaluation
 is not either: evaluators (`mmjax/evals`, declared in `config.evals`) call the
-prediction methods a task offers (`logits`, `embed`, `generate`, ...), each
-documented by the evaluator that uses it.
+prediction methods a task offers, each capability a Protocol below that the evaluator
+names in its signature:
+
+  evaluator            protocol        the task offers
+  classification       Classifier      logits, eval_preprocess
+  zeroshot_retrieval   Embedder        embed, class_text_embeddings, eval_preprocess
+  reconstruction       Reconstructor   reconstruct, eval_preprocess
+  sample_quality       Sampler         sample, class_names
+  vqa                  Generator       generate, eval_preprocess
+  itm                  Predictor       predict, eval_preprocess
+
+Every evaluator also reads the task's `config` and `mesh` (`Evaluable`).
 
 `extras` is task-owned state that is not trained by the optimizer (an EMA of the
 weights); it is checkpointed with the rest. A loss's metrics are named "train/...".
 """
+from typing import Protocol, runtime_checkable
+
 import jax
 import ml_collections
 import numpy as np
 
 from mmjax.data import pipeline
-from mmjax.data import vqa
-from mmjax.models import vit
-from mmjax.models import vlm
 from mmjax.nn import precision
-from mmjax.train import checkpoints
 
 def image_shape(source, key: str = "image") -> tuple[int, ...]:
   """[height, width, channels] of a source's images, read from its first example."""
   return tuple(np.shape(source[0][key]))
-
-
-def clip_image_tower(workdir: str, field: str = "clip_workdir"):
-  """The ViT parameters ("image_tower") of the CLIP run in `workdir`, on the host."""
-  return jax.device_get(checkpoints.load_run(workdir, task="clip", field=field)
-                        .params["image_tower"])
-
-
-def open_clip_load_kwargs(config) -> dict:
-  """interop.open_clip.load's quick_gelu, vision_heads and text_heads, from the config."""
-  return {k: config.get(k) for k in ("quick_gelu", "vision_heads", "text_heads")}
-
-
-class GridImages:
-  """The images and the starting ViT of a task that reads 2x2 grids (VQA, ImageBERT).
-
-  Without `config.init_from`: the grids as stored, normalised with the dataset's mean and
-  std; the ViT is config.model's (random, or the image tower of `config.clip_workdir`'s
-  CLIP run, which the task's `init` puts in).
-
-  With `config.init_from` (an open_clip / OpenAI ViT CLIP safetensors file): each cell is
-  resized to the file's image size with 3 channels and normalised with OpenAI CLIP's mean
-  and std, so the ViT sees what it was trained on; the ViT has OpenAI's layout and the
-  file's sizes (`model_overrides`, for the model's vision_variant and vision_options), and
-  `pretrained` gives the task's parameters with the file's image tower as "vision".
-  `config.clip_workdir` as well is an error.
-  """
-
-  def __init__(self, config, task: str):
-    self.config = config
-    self.init_from = config.get("init_from") or ""
-    self.cell_size = 0  # The loaded tower's image size; 0: cells as stored.
-    self.model_overrides = {}
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
-    if not self.init_from:
-      return
-    if config.get("clip_workdir"):
-      raise ValueError(f"config.init_from={self.init_from!r} and config.clip_workdir="
-                       f"{config.clip_workdir!r} both give the {task} task's ViT: pick one "
-                       f"(leave the other empty).")
-    from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-    clip = open_clip.model_from_file(self.init_from, **open_clip_load_kwargs(config))
-    options = {"dims": clip.image_dims, **vit.openai_options(clip.activation)}
-    self.model_overrides = {"vision_variant": clip.image_variant,
-                            "vision_options": tuple(sorted(options.items()))}
-    self.cell_size = open_clip.read_config(self.init_from)["vision_cfg"]["image_size"]
-    self.mean, self.std = pipeline.CLIP_MEAN, pipeline.CLIP_STD
-
-  def grid_shape(self, cell_shape) -> tuple[int, int, int]:
-    """[h, w, c] of a stored cell -> [H, W, C] of the grids the model reads."""
-    if self.cell_size:
-      cell_shape = (self.cell_size, self.cell_size, 3)
-    return vqa.grid_shape(cell_shape)
-
-  def __call__(self, grids: np.ndarray) -> np.ndarray:
-    """uint8 grids [b, 2h, 2w, c] -> float32 [b, H, W, C] (`grid_shape`), normalised."""
-    if self.cell_size:
-      grids = vqa.resize_cells(grids, self.cell_size, channels=3)
-    return pipeline.normalize_channels(grids, self.mean, self.std)
-
-  def pretrained(self, init):
-    """init(rng) -> (params, extras): with init_from, init's result for the trainer's key
-    (PRNGKey(config.seed)) with "vision" replaced by the file's image tower, NumPy on the
-    host; None without.
-
-    The random parts are initialised once here, on the host's default device, so that
-    the trainer places the whole tree as arguments of its initialisation and no loaded
-    weight is compiled into it as a constant.
-    """
-    if not self.init_from:
-      return None
-    from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-    _, loaded = open_clip.load(self.init_from, **open_clip_load_kwargs(self.config))
-    params, extras = jax.jit(init)(jax.random.PRNGKey(self.config.seed))
-    return jax.device_get((vlm.with_vision_params(params, loaded["image_tower"]), extras))
 
 
 def model_options(config, task: str, *, remat: bool = True, scan: bool = False) -> dict:
@@ -126,19 +59,16 @@ def model_options(config, task: str, *, remat: bool = True, scan: bool = False) 
   `config.dtype` and `config.param_dtype` ("float32", "bfloat16", "float16") become
   dtypes; `config.remat` is passed when `remat`, `config.scan_layers` when `scan`. A
   remat or scan_layers setting that the task's model cannot use is an error saying so.
-  A config without these fields (one saved before they existed) gives float32, no remat,
-  no scan.
   """
-  options = {"dtype": precision.as_dtype(config.get("dtype") or "float32", "config.dtype"),
-             "param_dtype": precision.as_dtype(config.get("param_dtype") or "float32",
-                                               "config.param_dtype")}
-  policy = precision.check_remat(config.get("remat") or "none", "config.remat")
+  options = {"dtype": precision.as_dtype(config.dtype, "config.dtype"),
+             "param_dtype": precision.as_dtype(config.param_dtype, "config.param_dtype")}
+  policy = precision.check_remat(config.remat, "config.remat")
   if remat:
     options["remat"] = policy
   elif policy != "none":
     raise ValueError(f"config.remat={policy!r}: the {task} task's model has no "
                      f"rematerialised blocks; set it to 'none'.")
-  scan_layers = bool(config.get("scan_layers"))
+  scan_layers = bool(config.scan_layers)
   if scan:
     options["scan_layers"] = scan_layers
   elif scan_layers:
@@ -200,3 +130,76 @@ class Task:
   def weight_decay_mask(self, params):
     """Decay matrices, kernels and embeddings; not biases, norms or scalars."""
     return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+# What evaluators call: one Protocol per capability. Arrays are global (split over the
+# mesh) inside jit; `batch` is what `eval_preprocess` made, with a "mask" added.
+
+
+@runtime_checkable
+class Evaluable(Protocol):
+  """What every evaluator reads of a task."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+
+
+@runtime_checkable
+class Preprocessed(Evaluable, Protocol):
+  """A task whose evaluator reads a split: examples -> the batch its methods take."""
+
+  def eval_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+    """A NumPy batch of examples (plus "position") -> the evaluation batch."""
+
+
+@runtime_checkable
+class Classifier(Preprocessed, Protocol):
+  """Evaluated by `evals.classification`; batches hold "image" and "label"."""
+
+  def logits(self, params, extras, images: jax.Array) -> jax.Array:
+    """images [b, h, w, c] -> logits [b, classes]."""
+
+
+@runtime_checkable
+class Embedder(Preprocessed, Protocol):
+  """Evaluated by `evals.zeroshot`, `evals.linear_probe` and `evals.fewshot`; batches hold
+  "image", "tokens" and "label"."""
+
+  def embed(self, params, extras, batch) -> tuple[jax.Array, jax.Array]:
+    """-> (image embeddings [b, d], text embeddings [b, d])."""
+
+  def class_text_embeddings(self, params, extras) -> np.ndarray | None:
+    """-> [classes, templates, d], or None for a task without classes."""
+
+
+@runtime_checkable
+class Reconstructor(Preprocessed, Protocol):
+  """Evaluated by `evals.reconstruction`; batches hold "image" in [-1, 1]."""
+
+  def reconstruct(self, params, extras, images: jax.Array):
+    """images [b, h, w, c] -> (reconstructions [b, h, w, c], posterior mean, log-variance)."""
+
+
+@runtime_checkable
+class Sampler(Evaluable, Protocol):
+  """Evaluated by `evals.sample_quality`: class-conditional samples."""
+  class_names: tuple[str, ...]
+
+  def sample(self, params, extras, labels: np.ndarray, guidance: float) -> np.ndarray:
+    """labels [n] (class indices) -> images [n, h, w, c] in [0, 1]."""
+
+
+@runtime_checkable
+class Generator(Preprocessed, Protocol):
+  """Evaluated by `evals.vqa`; batches hold "image", "prompt", "answer" and "kind"."""
+
+  def generate(self, params, extras, images: jax.Array, prompt: jax.Array) -> jax.Array:
+    """images [b, H, W, C], prompt tokens [b, p] -> greedy answer tokens [b, a_len]."""
+
+
+@runtime_checkable
+class Predictor(Preprocessed, Protocol):
+  """Evaluated by `evals.itm`; batches hold "image", "tokens", "match", "targets",
+  "mlm_tokens" and "mlm_weight"."""
+
+  def predict(self, params, extras, images: jax.Array, tokens: jax.Array) -> dict:
+    """-> {"itm_logit": [b], "mlm_logits": [b, T, vocab]}."""

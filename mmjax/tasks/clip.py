@@ -43,20 +43,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses
 from mmjax.data import captions
 from mmjax.data import pipeline
 from mmjax.data import templates as templates_lib
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax import losses
 from mmjax.models import clip as clip_model
+from mmjax import parallel
 from mmjax.tasks import base
-from mmjax.train import sharding as sharding_lib
-
-
-def _field(config, name, default):
-  """config.<name>, or `default` for a config written before the field existed."""
-  value = config.get(name)
-  return default if value is None else value
 
 
 class ClipTask(base.Task):
@@ -66,11 +60,11 @@ class ClipTask(base.Task):
     super().__init__(config, mesh)
     if config.loss not in ("softmax", "sigmoid"):
       raise ValueError(f"config.loss={config.loss!r}: use 'softmax' (InfoNCE) or 'sigmoid'.")
-    self.caption_source = _field(config, "captions", "templates")
+    self.caption_source = config.captions
     if self.caption_source not in ("templates", "data"):
       raise ValueError(f"config.captions={self.caption_source!r}: use 'templates' (class "
                        f"names through prompt templates) or 'data' (the dataset's 'caption').")
-    self.init_from = _field(config, "init_from", "")
+    self.init_from = config.init_from
     options = base.model_options(config, "clip", scan=True)
     self.found = None  # With init_from: what mmjax.interop.load_pretrained found there.
     if self.init_from:
@@ -78,9 +72,10 @@ class ClipTask(base.Task):
         raise ValueError(f"config.scan_layers=True with config.init_from={self.init_from!r}: "
                          f"pretrained weights are in the unscanned layout; set "
                          f"scan_layers=False.")
+      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
       from mmjax.interop import pretrained  # pylint: disable=import-outside-toplevel
       self.found = pretrained.load_pretrained(self.init_from, weights=False,
-                                              **base.open_clip_load_kwargs(config))
+                                              **open_clip.config_kwargs(config))
       logging.info("config.init_from: %s", self.found.describe())
       self.model = self.found.model.clone(**options)
       if self.model.sigmoid != (config.loss == "sigmoid"):
@@ -92,9 +87,9 @@ class ClipTask(base.Task):
       self.model = clip_model.CLIP(**config.model.to_dict(),
                                    sigmoid=config.loss == "sigmoid", **options)
     self.max_text_len = self.model.max_text_len
-    self.tokenizer = self._make_tokenizer(_field(config, "tokenizer", {}))
+    self.tokenizer = self._make_tokenizer(config.tokenizer)
 
-    zeroshot = _field(config, "zeroshot", {})
+    zeroshot = config.zeroshot
     name = config.dataset.name
     self.class_names = tuple(zeroshot.get("class_names") or ())
     self.eval_templates = tuple(zeroshot.get("templates") or ())
@@ -109,7 +104,7 @@ class ClipTask(base.Task):
     else:
       self.class_names = ()  # The labels are example ids: nothing to classify.
 
-    image = _field(config, "image", {})
+    image = config.image
     self.image_size = int(image.get("size") or 0)
     self.min_crop = float(image.get("min_crop") or 1.0)
     mean, std = tuple(image.get("mean") or ()), tuple(image.get("std") or ())
@@ -170,6 +165,7 @@ class ClipTask(base.Task):
     size = self.image_size or h
     channels = c
     if self.init_from:
+      from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
       from mmjax.interop import pretrained  # pylint: disable=import-outside-toplevel
       model_size = self.found.image_size
       if self.image_size and self.image_size != model_size:
@@ -177,7 +173,7 @@ class ClipTask(base.Task):
                          f"{model_size}x{model_size} images: set it to 0 or {model_size}.")
       size, channels = model_size, 3
       self.loaded_params = pretrained.load_pretrained(
-          self.init_from, **base.open_clip_load_kwargs(self.config)).params
+          self.init_from, **open_clip.config_kwargs(self.config)).params
     self.model_image_shape = (size, size, channels)
 
   def preprocess(self, batch, train: bool):
@@ -233,7 +229,7 @@ class ClipTask(base.Task):
     """The contrastive loss over the global batch's embeddings (split over the mesh)."""
     img, txt = embeddings["image"], embeddings["text"]
     scales = self.model.apply({"params": params}, method=self.model.scales)
-    axes = sharding_lib.batch_axes(self.mesh)
+    axes = parallel.batch_axes(self.mesh)
     if self.config.loss == "softmax":
       loss = losses.info_nce_sharded(img, txt, 1.0 / scales["logit_scale"], self.mesh, axes)
     else:

@@ -30,6 +30,7 @@ from mmjax.data import vqa
 from mmjax.models import imagebert
 from mmjax.models import vlm
 from mmjax.tasks import base
+from mmjax.tasks import grid
 
 _MLM_CHOICE = 101  # Hash stream: is a training example an MLM one?
 
@@ -39,7 +40,7 @@ class ImageBertTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    self.images = base.GridImages(config, "ImageBERT")
+    self.images = grid.GridImages(config, "ImageBERT")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     longest = max(self.class_names, key=lambda n: len(vqa.article(n)))
@@ -62,7 +63,7 @@ class ImageBertTask(base.Task):
     self.image_shape = self.images.grid_shape(self.image_shape)  # 2x2 training images.
     n_image = self.model.num_image_tokens(*self.image_shape[:2])
     self.model = self.model.clone(max_len=2 + n_image + c.max_text_len)
-    self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
+    self.vision_params = grid.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
 
   # Data.
   def _mask(self, tokens, keys, rows):

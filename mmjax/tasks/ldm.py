@@ -23,16 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import diffusion
 from mmjax.data import captions
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax import diffusion
 from mmjax.models import autoencoder as ae_lib
 from mmjax.models.text import TextTransformer
 from mmjax.models.unet import UNet
+from mmjax import parallel
+from mmjax import runs
 from mmjax.tasks import base
-from mmjax.train import checkpoints
-from mmjax.train import sharding as sharding_lib
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
@@ -89,24 +89,24 @@ class LatentDiffusionTask(base.Task):
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     d = config.diffusion
     self.schedule = diffusion.make_schedule(d.schedule, d.num_timesteps)
-    self.repl = sharding_lib.replicated(mesh)
+    self.repl = parallel.replicated(mesh)
     self.options = base.model_options(config, "ldm", scan=True)
 
   def setup(self):
     c = self.config
     # The first stage, and the text encoder: a small Transformer trained with the
     # U-Net, or a CLIP run's text tower, kept frozen outside the trained parameters.
-    ae_run = checkpoints.load_run(c.autoencoder_workdir, task="autoencoder",
+    ae_run = runs.load_run(c.autoencoder_workdir, task="autoencoder",
                                   field="autoencoder_workdir")
     types = {k: self.options[k] for k in ("dtype", "param_dtype")}
-    self.autoencoder = ae_lib.AutoencoderKL(**module_kwargs(ae_run.config["model"]), **types)
+    self.autoencoder = ae_lib.AutoencoderKL(**module_kwargs(ae_run.field("model")), **types)
     self.ae_params = jax.device_put(ae_run.params, self.repl)
     if c.clip_workdir:
-      clip_run = checkpoints.load_run(c.clip_workdir, task="clip", field="clip_workdir")
-      m = clip_run.config["model"]
-      self.text_encoder = TextTransformer(m["text_width"], m["text_depth"], m["text_heads"],
-                                          m["text_mlp_dim"], max_len=m["max_text_len"],
-                                          scan_layers=bool(clip_run.config.get("scan_layers")),
+      clip_run = runs.load_run(c.clip_workdir, task="clip", field="clip_workdir")
+      m = lambda name: clip_run.field(f"model.{name}")
+      self.text_encoder = TextTransformer(m("text_width"), m("text_depth"), m("text_heads"),
+                                          m("text_mlp_dim"), max_len=m("max_text_len"),
+                                          scan_layers=bool(clip_run.field("scan_layers")),
                                           **types)
       self.frozen_text = jax.device_put(clip_run.params["text_tower"], self.repl)
     else:
@@ -129,7 +129,7 @@ class LatentDiffusionTask(base.Task):
         lambda v, x, t, ctx: self.unet.apply(v, x, t, ctx), self.schedule, self.latent_shape,
         num_steps=s.num_steps, method=s.method, eta=s.eta,
         prediction_type=c.diffusion.prediction_type)
-    self._context = jax.jit(self.context, out_shardings=sharding_lib.batch_sharded(self.mesh))
+    self._context = jax.jit(self.context, out_shardings=parallel.batch_sharded(self.mesh))
     self._uncond_context = jax.jit(self.context, out_shardings=self.repl)
     self._decode = jax.jit(self._decode_fn, out_shardings=self.repl)
 

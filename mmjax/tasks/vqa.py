@@ -6,7 +6,7 @@ exact match), through `generate`.
 
 The ViT starts at random, from the image tower of a CLIP run (`clip_workdir`), or from
 an open_clip / OpenAI ViT CLIP's (`init_from`: OpenAI's layout and the file's sizes,
-each cell resized to its resolution; see base.GridImages); `config.frozen =
+each cell resized to its resolution; see grid.GridImages); `config.frozen =
 ("vision/.*",)` keeps it as loaded.
 """
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from mmjax.data import tokenizer
 from mmjax.data import vqa
 from mmjax.models import vlm
 from mmjax.tasks import base
+from mmjax.tasks import grid
 
 
 def longest_question(class_names: tuple[str, ...]) -> int:
@@ -37,7 +38,7 @@ class VqaTask(base.Task):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh)
-    self.images = base.GridImages(config, "VQA")
+    self.images = grid.GridImages(config, "VQA")
     captions.check_dataset(config.dataset.name)
     self.class_names = captions.CLASS_NAMES[config.dataset.name]
     self.q_len = config.max_question_len
@@ -56,7 +57,7 @@ class VqaTask(base.Task):
     super().setup()
     c = self.config
     self.image_shape = self.images.grid_shape(self.image_shape)  # 2x2 training images.
-    self.vision_params = base.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
+    self.vision_params = grid.clip_image_tower(c.clip_workdir) if c.clip_workdir else None
 
   # Data.
   def _encode(self, images, labels, keys, templates, kinds=None):

@@ -1,4 +1,4 @@
-"""Checkpoints: the Orbax manager of a run, and `load_run`, the one way to read another run.
+"""Checkpoints of the run being trained: its Orbax manager, saving and restoring.
 
 A run's workdir holds `config.json` (the config it used) and `checkpoints/<step>/`,
 each an Orbax composite of `state` (the `TrainState`) and `data` (each process's
@@ -9,13 +9,12 @@ What can still go wrong is handled here too: `WorkdirLock` keeps a second run of
 workdir; `restore_latest` moves a checkpoint that cannot be restored, or that holds
 non-finite values, to `checkpoints/corrupt-<step>/` and resumes from the one before.
 """
-import dataclasses
 import json
 import logging
 import os
 import socket
-from typing import Any
 
+import filelock
 import grain
 import jax
 import jax.numpy as jnp
@@ -30,78 +29,64 @@ class CorruptCheckpointError(RuntimeError):
   """No checkpoint of a workdir could be restored."""
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 class WorkdirLock:
   """`<workdir>/lock`, held by process 0 while a run trains: {"host": ..., "pid": ...}.
 
-  A second run on the workdir raises WorkdirLocked naming the holder. A lock left by a
-  dead process on this host is taken over with a warning. Re-entrant within one
-  process (launch.py takes it early, the trainer again): only the first holder
-  releases it.
+  The lock itself is an OS file lock (`filelock`) on `<workdir>/lock.flock`, which the
+  system releases when its process ends, however it ends; `lock` names the holder. A
+  second run on the workdir raises WorkdirLocked naming that holder, and so does a
+  second `WorkdirLock` in the same process (it is not re-entrant). A `lock` left by a
+  killed run is taken over with a warning.
   """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "lock")
-    self._owned = False
+    self._flock = None
 
   def __enter__(self):
     if jax.process_index() != 0:
       return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    flock = filelock.FileLock(f"{self.path}.flock", timeout=0)
+    try:
+      flock.acquire()
+    except filelock.Timeout:
+      holder = self._holder() or {}
+      raise WorkdirLocked(
+          f"{os.path.dirname(self.path)} is in use by PID {holder.get('pid', '?')} on host "
+          f"{holder.get('host', '?')} (lock file {self.path}). Wait for that run or stop "
+          f"it, or use another --workdir.") from None
+    self._flock = flock
+    left = self._holder()
+    if left is not None:
+      logging.warning("Taking over %s: its process %s on %s has ended.", self.path,
+                      left.get("pid"), left.get("host"))
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     tmp = f"{self.path}.{me['pid']}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(me, f)
+    os.replace(tmp, self.path)  # Never half-written.
+    return self
+
+  def _holder(self) -> dict | None:
+    """The contents of `lock`: the holder's host and PID; None if there is none."""
     try:
-      for _ in range(3):
-        try:
-          os.link(tmp, self.path)  # Atomic: fails if the lock exists; never half-written.
-          self._owned = True
-          return self
-        except FileExistsError:
-          pass
-        try:
-          with open(self.path, encoding="utf-8") as f:
-            holder = json.load(f)
-        except FileNotFoundError:
-          continue  # Released meanwhile.
-        except ValueError:
-          holder = {"host": "?", "pid": "?"}
-        if holder == me:
-          return self
-        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and (
-            not _alive(holder["pid"])):
-          logging.warning("Taking over %s: its process %d on %s is dead.", self.path,
-                          holder["pid"], holder["host"])
-          try:
-            os.remove(self.path)
-          except FileNotFoundError:
-            pass
-          continue
-        raise WorkdirLocked(
-            f"{os.path.dirname(self.path)} is in use by PID {holder.get('pid')} on host "
-            f"{holder.get('host')} (lock file {self.path}). Wait for that run or stop it, "
-            f"or use another --workdir; if that process is gone, delete the lock file.")
-      raise WorkdirLocked(f"Could not take {self.path}; try again.")
-    finally:
-      os.remove(tmp)
+      with open(self.path, encoding="utf-8") as f:
+        holder = json.load(f)
+    except FileNotFoundError:
+      return None
+    except ValueError:
+      return {}
+    return holder if isinstance(holder, dict) else {}
 
   def __exit__(self, *exc):
-    if self._owned:
-      self._owned = False
+    if self._flock is not None:
       try:
         os.remove(self.path)
       except FileNotFoundError:
         pass
+      self._flock.release()
+      self._flock = None
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -218,66 +203,3 @@ def restore_latest(mngr: ocp.CheckpointManager, state, train_iter=None, *,
     logging.warning("Checkpoint %d in %s cannot be restored (%s); %s. Resuming from step "
                     "%d instead.", step, mngr.directory, what, where, steps[i + 1])
   return state, None
-
-
-def read_config(workdir: str) -> dict:
-  """The config an earlier run wrote into its workdir, as a dict."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    return json.load(f)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """An earlier run, as another one reads it: its config, step, parameters and extras."""
-  workdir: str
-  config: dict
-  step: int
-  params: Any  # Arrays on this process's first device.
-  extras: Any
-
-
-def load_run(workdir: str, *, task: str | None = None, field: str = "workdir",
-             step: int | None = None) -> Run:
-  """Reads the latest (or the given) checkpoint of the run in `workdir`.
-
-  For an experiment that starts from another (a VLM from a CLIP run's image tower, a
-  diffusion model from its autoencoder, a sampler judged by a classifier). Whatever
-  device layout the run was saved from, the arrays land on this process's first device.
-
-  Args:
-    workdir: the other run's --workdir.
-    task: the `config.task` that run must have (e.g. "clip"), or None for any.
-    field: the config field that named `workdir`, for the error messages.
-    step: a checkpoint step; None for the latest.
-
-  Raises:
-    FileNotFoundError: no finished run there (no config.json or no checkpoint).
-    ValueError: the run is of another task.
-  """
-  path = os.path.join(workdir or "", "config.json")
-  if not workdir or not os.path.exists(path):
-    raise FileNotFoundError(
-        f"config.{field}={workdir!r} holds no run (no {path}). Train that run first "
-        f"(see the experiment's docstring) or point config.{field} at its workdir.")
-  config = read_config(workdir)
-  if task is not None and config.get("task") != task:
-    raise ValueError(f"config.{field}={workdir!r} is a {config.get('task')!r} run; a "
-                     f"{task!r} run is needed here.")
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  mngr = ocp.CheckpointManager(directory)
-  step = mngr.latest_step() if step is None else step
-  mngr.close()
-  if step is None:
-    raise FileNotFoundError(f"config.{field}={workdir!r} has no checkpoint in {directory}: "
-                            f"let that run finish (or save one) first.")
-  checkpointer = ocp.StandardCheckpointer()
-  item = os.path.join(directory, str(step), "state")
-  metadata = checkpointer.metadata(item)
-  metadata = getattr(metadata, "item_metadata", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          metadata)
-  state = checkpointer.restore(item, abstract)
-  checkpointer.close()
-  return Run(workdir=workdir, config=config, step=int(step), params=state["params"],
-             extras=state["extras"])

@@ -36,12 +36,6 @@ SAFE_TO_CHANGE = (
     "peak_tflops_per_device", "mesh.*", "fsdp_min_size", "grad_accum_steps", "remat",
     "reuse_host_memory",
 )
-# Fields (dotted names) added to configs after runs were written: a config.json
-# without one is compared as if it held this value (and so is a config without one),
-# so that those runs still restart.
-ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
-                "scan_layers": False, "model.dropout_rate": 0.0, "reuse_host_memory": True,
-                "optimizer.flatten": False}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
@@ -213,7 +207,8 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | N
 
   `step` is the checkpoint the run resumes from, or None for a fresh start: then
   `config.json` is (re)written and nothing is compared. On a restart, a change of any
-  field outside SAFE_TO_CHANGE raises ConfigError (config.json stays as it was); safe
+  field outside SAFE_TO_CHANGE raises ConfigError (config.json stays as it was), and so
+  does a field outside it that config.json lacks (a run of an older mmjax); safe
   changes are written to `config.<step>.json`. `num_train_steps` must stay above `step`.
 
   Returns {field: (old, new)} of the allowed changes.
@@ -227,10 +222,15 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | N
     return {}
   with open(path, encoding="utf-8") as f:
     old = json.load(f)
-  a, b = ({**ADDED_FIELDS, **flatten(old)}, {**ADDED_FIELDS, **flatten(new)})
+  a, b = flatten(old), flatten(new)
+  safe = lambda k: any(fnmatch.fnmatchcase(k, p) for p in SAFE_TO_CHANGE)
+  missing = sorted(k for k in b.keys() - a.keys() if not safe(k))
+  if missing:
+    raise ConfigError(
+        f"{path} has no field {', '.join(missing)}: it was written by an older mmjax "
+        f"whose config lacked it. Use a new --workdir.")
   changed = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
              if a.get(k) != b.get(k)}
-  safe = lambda k: any(fnmatch.fnmatchcase(k, p) for p in SAFE_TO_CHANGE)
   refused = {k: v for k, v in changed.items() if not safe(k) and k not in SCHEDULE_FIELDS}
   if refused:
     lines = [_diff_line(k, *v) for k, v in refused.items()]

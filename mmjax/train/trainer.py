@@ -8,13 +8,14 @@ width, channels]: images go to TensorBoard and to `<workdir>/images/<name>_<step
 
 The train step is one `jax.jit` over a mesh of every device of every process, axes
 `data` x `fsdp` (`config.mesh`): the batch split over both, parameters and optimizer
-state split along `fsdp` (`sharding.state_sharding`; replicated with the default
+state split along `fsdp` (`parallel.state_sharding`; replicated with the default
 fsdp=1), the state donated. With `config.grad_accum_steps` = k the global batch runs
 as k micro-batches and one update (exact for contrastive losses too). Parameters
 matching `config.frozen` get no gradient, no update and no optimizer state. The same
 config gives the same losses on any number of devices and any mesh, and a checkpoint
 restores on another mesh.
 """
+import dataclasses
 import logging
 import os
 import signal
@@ -31,13 +32,13 @@ import optax
 import PIL.Image
 from clu import periodic_actions
 
-from mmjax import evals
 from mmjax.data import pipeline
+from mmjax import evals
+from mmjax import parallel
 from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
-from mmjax.train import sharding as sharding_lib
 from mmjax.train import throughput
 
 
@@ -172,7 +173,7 @@ def _make_train_step(task, opt: optim.Optimizer, k: int, micro_sharding):
 def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]:
   """Returns (state on `mesh`, the optimizer). `task.setup()` must have run.
 
-  The state is created directly in its sharding (`sharding_lib.state_sharding`):
+  The state is created directly in its sharding (`parallel.state_sharding`):
   with `config.mesh.fsdp` > 1 the parameters, optimizer moments and extras of at least
   `config.fsdp_min_size` elements are split along `fsdp`, the rest replicated.
   """
@@ -194,7 +195,7 @@ def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.PRNGKey(config.seed + 1), extras=extras)
 
-  shardings = sharding_lib.state_sharding(jax.eval_shape(init_state, rng, loaded), mesh,
+  shardings = parallel.state_sharding(jax.eval_shape(init_state, rng, loaded), mesh,
                                           config.get("fsdp_min_size", 2 ** 16))
   if loaded is not None:
     loaded = jax.device_put(loaded, (shardings.params, shardings.extras))
@@ -218,11 +219,11 @@ def jit_train_step(task, opt: optim.Optimizer, mesh, state_sharding=None):
   """The jitted train step: the state laid out as `state_sharding` (default:
   replicated; the trainer passes the state's own) and donated, the batch split over
   the mesh, in `task.config.grad_accum_steps` micro-batches (default 1)."""
-  repl = sharding_lib.replicated(mesh)
+  repl = parallel.replicated(mesh)
   k = task.config.get("grad_accum_steps") or 1
-  step = _make_train_step(task, opt, k, sharding_lib.batch_sharded(mesh))
+  step = _make_train_step(task, opt, k, parallel.batch_sharded(mesh))
   state_sharding = repl if state_sharding is None else state_sharding
-  return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharded(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                  out_shardings=(state_sharding, repl), donate_argnums=0)
 
 
@@ -275,33 +276,42 @@ def _mean_rows(rows: list[tuple[int, dict]]) -> dict[str, float]:
   return {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
-                       mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Trains `task` as `config` says, in `workdir`; resumes from its last checkpoint.
+@dataclasses.dataclass
+class _Setup:
+  """What training and `evaluate_only` share, made by `_set_up`."""
+  mngr: Any  # The workdir's ocp.CheckpointManager.
+  evaluators: list[evals.Scheduled]
+  train_iter: Any  # The task's training batches (training only; None for evaluation).
+  state: TrainState
+  opt: optim.Optimizer
+  step: int | None  # The restored checkpoint's step; None: nothing restored.
 
-  Before anything is compiled: the config is validated (`guards.validate`), the
-  workdir locked (`checkpoints.WorkdirLock`), and a restart's config compared with the
-  first run's (`guards.check_restart`). Returns the metrics written at the last step
-  (train and eval). Raises FloatingPointError at the first non-finite step (or loss
-  above `config.max_loss`); every checkpoint saved before it is finite.
+
+def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
+  """The checkpoint manager, the task set up, its evaluators and the state, restored
+  from the workdir's latest good checkpoint if there is one.
+
+  Training: a restart's config is first compared with the first run's
+  (`guards.check_restart`), the data iterator is made and restored with the state, and
+  a latest checkpoint that cannot be restored is moved aside. Evaluation: a workdir
+  without a checkpoint is an error unless `config.init_from` gives the weights, and
+  nothing in the workdir is moved.
   """
-  sharding_lib.check_batch_size(config.global_batch_size, mesh,
-                                accum_steps=config.get("grad_accum_steps") or 1)
-  guards.validate(config)
-  with checkpoints.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, task, mesh)
-
-
-def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
-  is_main = jax.process_index() == 0
+  logging.info("Config:\n%s", config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  guards.check_restart(config, workdir, mngr.latest_step(), write=is_main)
+  latest = mngr.latest_step()
+  if training:
+    guards.check_restart(config, workdir, latest, write=jax.process_index() == 0)
+  elif latest is None and not config.get("init_from"):
+    raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
+                            f"(the same command without --eval_only), or evaluate "
+                            f"pretrained weights with --config.init_from=<file>.")
   task.setup()
   evaluators = evals.build(config, task)
-
-  # Data: each process reads its own share of every global batch.
-  data_sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
-  train_iter = iter(task.train_dataset(data_sharding))
+  train_iter = None
+  if training:  # Each process reads its own share of every global batch.
+    train_iter = iter(task.train_dataset(
+        pipeline.Sharding(jax.process_index(), jax.process_count())))
 
   state, opt = create_train_state(config, task, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -309,72 +319,110 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
                                         jax.tree.leaves(opt.frozen)) if f)
   logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es), mesh %s.",
                n_params, n_frozen, mesh.devices.size, jax.process_count(), dict(mesh.shape))
+  state, step = checkpoints.restore_latest(mngr, state, train_iter, move_corrupt=training)
+  return _Setup(mngr, evaluators, train_iter, state, opt, step)
 
-  # Resume from the last good checkpoint of this workdir, if any; metrics and
-  # TensorBoard keep only the steps up to it (none when starting from scratch).
-  state, latest = checkpoints.restore_latest(mngr, state, train_iter)
-  if latest is not None:
-    logging.info("Resumed from step %d in %s", latest, mngr.directory)
+
+class _Outputs:
+  """What a training run writes at the steps that log, evaluate or checkpoint."""
+
+  def __init__(self, config, workdir: str, mngr, writer, start: int):
+    self.config, self.workdir, self.mngr, self.writer = config, workdir, mngr, writer
+    self.pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last write.
+    self.last_log = (start, time.monotonic())
+    self.flops_per_step = 0.0  # Set once the step is compiled.
+    self.peak = throughput.peak_tflops(config)
+    self.written: dict[str, float] = {}  # The last metrics written.
+
+  def write(self, step: int, state: TrainState, train_iter, due: list[evals.Scheduled], *,
+            log: bool, save: bool):
+    """Fetches the metrics of every step since the last write and stops on NaN/Inf
+    (`_check_finite`) before anything is saved, so every checkpoint is finite; then
+    writes the mean train metrics (`log`) and the due evaluators' results, then saves
+    a checkpoint (`save`)."""
+    rows = [(s, jax.tree.map(float, jax.device_get(m))) for s, m in self.pending]
+    self.pending.clear()
+    _check_finite(rows, self.mngr, self.config.get("max_loss"))
+    scalars = {}
+    if log:
+      now = time.monotonic()
+      scalars.update(_mean_rows(rows))
+      scalars["train/steps_per_sec"] = (step - self.last_log[0]) / (now - self.last_log[1])
+      scalars.update(throughput.rates(scalars["train/steps_per_sec"],
+                                      self.config.global_batch_size, self.flops_per_step,
+                                      self.peak))
+      self.last_log = (step, now)
+    if due:
+      scalars.update(_evaluate(due, state, self.writer, self.workdir, step))
+      self.last_log = (self.last_log[0], self.last_log[1] + scalars["eval/seconds"])
+    if log or due:
+      self.writer.write_scalars(step, scalars)
+      self.written = scalars
+    # Metrics first: a kill between the two leaves rows after the last checkpoint,
+    # which the restart drops; never a checkpoint with a step's row missing.
+    if save:
+      checkpoints.save(self.mngr, step, state, train_iter)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
+                       mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Trains `task` as `config` says, in `workdir`; resumes from its last checkpoint.
+
+  The run's one preflight, before any data is read or anything compiled: the batch
+  size against the mesh (`parallel.check_batch_size`), the config's values
+  (`guards.validate`), then the workdir lock (`checkpoints.WorkdirLock`, held until
+  the run ends: a second run on the workdir stops here). A restart's config is then
+  compared with the first run's (`guards.check_restart`). Returns the metrics written
+  at the last step (train and eval). Raises FloatingPointError at the first non-finite
+  step (or loss above `config.max_loss`); every checkpoint saved before it is finite.
+  """
+  parallel.check_batch_size(config.global_batch_size, mesh,
+                            accum_steps=config.get("grad_accum_steps") or 1)
+  guards.validate(config)
+  with checkpoints.WorkdirLock(workdir):
+    return _train(config, workdir, task, mesh)
+
+
+def _train(config, workdir, task, mesh) -> dict[str, float]:
+  run = _set_up(config, workdir, task, mesh, training=True)
+  mngr, state, train_iter = run.mngr, run.state, run.train_iter
+  # Metrics and TensorBoard keep only the steps up to the restored checkpoint (none
+  # when starting from scratch).
+  if run.step is not None:
+    logging.info("Resumed from step %d in %s", run.step, mngr.directory)
+  is_main = jax.process_index() == 0
   if is_main:
-    metrics_lib.truncate(workdir, latest or 0)
+    metrics_lib.truncate(workdir, run.step or 0)
   start = int(state.step)
 
   writer = metrics_lib.create_writer(workdir, is_main)
-  train_step = jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
-  flops_per_step, peak = 0.0, throughput.peak_tflops(config)
+  train_step = jit_train_step(task, run.opt, mesh, jax.tree.map(lambda x: x.sharding, state))
   profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              every_secs=30)
-
-  pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last flush.
-  last_log = (start, time.monotonic())
-  written: dict[str, float] = {}
+  out = _Outputs(config, workdir, mngr, writer, start)
   with _SigtermFlag() as sigterm:
     for step in range(start + 1, config.num_train_steps + 1):
-      batch = sharding_lib.step_batch(next(train_iter), mesh)
+      batch = parallel.step_batch(next(train_iter), mesh)
       if step == start + 1:  # Compiled once, here, so that its FLOPs can be counted.
         train_step = train_step.lower(state, batch).compile()
-        flops_per_step = throughput.step_flops(train_step)
+        out.flops_per_step = throughput.step_flops(train_step)
         if config.get("scan_layers"):
           logging.info("scan_layers: XLA counts a scanned layer once, so train/tflops_per_"
                        "device and train/mfu are lower bounds.")
       profile.before_step(step)
       state, step_metrics = train_step(state, batch)
       profile.after_step(step, state)
-      pending.append((step, step_metrics))
+      out.pending.append((step, step_metrics))
       progress(step)
 
       is_last = step == config.num_train_steps
       preempted = sigterm.received or mngr.reached_preemption(step)
-      do_log = step % config.log_every_steps == 0 or is_last
-      due = [s for s in evaluators if s.due(step, is_last)]
-      do_ckpt = step % config.checkpoint_every_steps == 0 or is_last or preempted
-      if not (do_log or due or do_ckpt):
-        continue
-
-      # Fetch the metrics of every step since the last flush; stop on NaN/Inf
-      # before anything is saved, so every checkpoint is finite.
-      rows = [(s, jax.tree.map(float, jax.device_get(m))) for s, m in pending]
-      pending.clear()
-      _check_finite(rows, mngr, config.get("max_loss"))
-      scalars = {}
-      if do_log:
-        now = time.monotonic()
-        scalars.update(_mean_rows(rows))
-        scalars["train/steps_per_sec"] = (step - last_log[0]) / (now - last_log[1])
-        scalars.update(throughput.rates(scalars["train/steps_per_sec"],
-                                        config.global_batch_size, flops_per_step, peak))
-        last_log = (step, now)
-      if due:
-        scalars.update(_evaluate(due, state, writer, workdir, step))
-        last_log = (last_log[0], last_log[1] + scalars["eval/seconds"])
-      if do_log or due:
-        writer.write_scalars(step, scalars)
-        written = scalars
-      # Metrics first: a kill between the two leaves rows after the last checkpoint,
-      # which the restart drops; never a checkpoint with a step's row missing.
-      if do_ckpt:
-        checkpoints.save(mngr, step, state, train_iter)
+      log = step % config.log_every_steps == 0 or is_last
+      due = [s for s in run.evaluators if s.due(step, is_last)]
+      save = step % config.checkpoint_every_steps == 0 or is_last or preempted
+      if log or due or save:
+        out.write(step, state, train_iter, due, log=log, save=save)
       if preempted and not is_last:
         logging.warning("Pre-empted: checkpoint saved at step %d, stopping.", step)
         break
@@ -383,65 +431,33 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
-  return written
-
-
-def _params_of_run(workdir: str, state: TrainState, error: Exception):
-  """(state with `workdir`'s latest parameters and extras, its step): for a checkpoint
-  whose optimizer state has another layout than `state`'s (written with another
-  `config.optimizer.flatten` or optimizer), which evaluation does not need. Raises
-  `error` if the parameters or extras differ too, or over several processes."""
-  shapes = lambda tree: [(jax.tree_util.keystr(k), tuple(x.shape))
-                         for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  if jax.process_count() > 1 or "does not fit" not in str(error):
-    raise error
-  run = checkpoints.load_run(workdir)
-  if (shapes(run.params), shapes(run.extras)) != (shapes(state.params), shapes(state.extras)):
-    raise error
-  logging.info("--eval_only: %s's optimizer state has another layout; evaluating its "
-               "parameters.", workdir)
-  place = lambda new, old: jax.device_put(new, jax.tree.map(lambda x: x.sharding, old))
-  return state.replace(params=place(run.params, state.params),
-                       extras=place(run.extras, state.extras)), run.step
+  return out.written
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
                   mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Runs every evaluator of `config.evals` on the latest checkpoint of `workdir`.
 
-  Trains nothing. Metrics and images are written as a training run writes them, into
-  `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events, images/), at the
-  checkpoint's step. A workdir without a checkpoint is an error, except with
-  `config.init_from` (pretrained weights): then the parameters are
-  `task.pretrained()`'s, with the loaded ones, evaluated as step 0. A checkpoint whose
-  optimizer state has another layout (`config.optimizer.flatten` changed) is evaluated
-  from its parameters and extras. Returns the metrics.
+  Trains nothing, takes no lock. Metrics and images are written as a training run
+  writes them, into `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events,
+  images/), at the checkpoint's step. A workdir without a checkpoint is an error,
+  except with `config.init_from` (pretrained weights): then the parameters are
+  `task.pretrained()`'s, with the loaded ones, evaluated as step 0. Returns the metrics.
   """
-  task.setup()
-  evaluators = evals.build(config, task)
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  latest = mngr.latest_step()
-  if latest is None and not config.get("init_from"):
-    raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
-                            f"(the same command without --eval_only), or evaluate "
-                            f"pretrained weights with --config.init_from=<file>.")
-  state, _ = create_train_state(config, task, mesh)
-  step = 0
-  if latest is not None:
-    try:
-      state, step = checkpoints.restore_latest(mngr, state, move_corrupt=False)
-    except ValueError as e:  # Another optimizer layout (config.optimizer.flatten)?
-      state, step = _params_of_run(workdir, state, e)
-  else:
-    logging.info("--eval_only: no checkpoint in %s; evaluating %s.", mngr.directory,
+  parallel.check_batch_size(config.global_batch_size, mesh,
+                            accum_steps=config.get("grad_accum_steps") or 1)
+  run = _set_up(config, workdir, task, mesh, training=False)
+  run.mngr.close()
+  if run.step is None:
+    logging.info("--eval_only: no checkpoint in %s; evaluating %s.", run.mngr.directory,
                  config.init_from)
-  mngr.close()
+  step = run.step or 0
   out_dir = os.path.join(workdir, "eval_only")
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(out_dir, exist_ok=True)
   writer = metrics_lib.create_writer(out_dir, is_main)
-  scalars = _evaluate(evaluators, state, writer, out_dir, step)
+  scalars = _evaluate(run.evaluators, run.state, writer, out_dir, step)
   writer.write_scalars(step, scalars)
   writer.flush()
   logging.info("Evaluated the checkpoint at step %d of %s.", step, workdir)

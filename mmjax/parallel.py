@@ -1,4 +1,4 @@
-"""The device mesh and the shardings of the trainer: a 2-D mesh (`data`, `fsdp`).
+"""The device mesh and the shardings every part of a run uses: a 2-D mesh (`data`, `fsdp`).
 
 The batch splits over both axes (every device gets its own rows). Parameters and
 optimizer state split along `fsdp` by one rule, `param_spec`: each large enough leaf
