@@ -29,7 +29,6 @@ import ml_collections
 import numpy as np
 import optax
 import PIL.Image
-from clu import periodic_actions
 
 from mmjax import evals
 from mmjax.data import pipeline
@@ -323,8 +322,7 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   train_step = jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state))
   flops_per_step, peak = 0.0, throughput.peak_tflops(config)
   profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             every_secs=30)
+  progress = metrics_lib.ProgressLogger(config.num_train_steps, every_secs=30)
 
   pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last flush.
   last_log = (start, time.monotonic())
