@@ -32,6 +32,7 @@ import argparse
 import collections
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -160,6 +161,9 @@ def convert(inputs: str, output_dir: str, name: str, *, val_fraction: float = 0.
                      f"underscores, starting with a letter (e.g. 'my_pairs').")
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"--val_fraction={val_fraction}: must be in (0, 1).")
+  if importlib.util.find_spec("tensorflow") is None:  # TFDS encodes the images with it.
+    raise ModuleNotFoundError("Writing a TFDS dataset needs TensorFlow: "
+                              "pip install 'mmjax[prepare]'.")
   target = os.path.join(output_dir, name, VERSION)
   if os.path.exists(os.path.join(target, "dataset_info.json")):
     raise FileExistsError(f"{target} already holds a prepared dataset: choose another "
