@@ -108,6 +108,7 @@ def test_a_bridged_module_computes_what_linen_does(family, module, args, kwargs)
   _check(module, *args, **kwargs)
 
 
+@SLOW
 def test_dropout_keys_come_from_the_dropout_stream():
   x = _normal(0, _SEQ)
   model = nnx.bridge.ToNNX(mnn.EncoderBlock(num_heads=4, mlp_dim=32, dropout_rate=0.5),
