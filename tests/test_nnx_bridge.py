@@ -70,10 +70,9 @@ _CLIP = models.CLIP(image_variant="mu/4", text_width=32, text_depth=1, text_head
 _TOKENS = jnp.array([[1, 5, 9, 3, 0, 0, 0, 0], [1, 7, 3, 0, 0, 0, 0, 0]], jnp.int32)
 
 # (family, module, argument shapes or arrays, keyword arguments); one fast case per family.
+# Conv2D and pooling: test_a_users_nnx_module_trains_through_the_bridge and
+# test_linen_parameters_load_into_the_nnx_module.
 CASES = [
-    # Conv2D and pooling in the fast tier: test_a_users_nnx_module_trains_through_the_bridge.
-    pytest.param("conv/pool", mnn.Conv2D(6, (3, 2), stride=2, padding=1), [_X], {}, marks=SLOW),
-    pytest.param("conv/pool", models.LeNet5(), [(2, 28, 28, 1)], {}, marks=SLOW),
     ("attention/transformer", mnn.EncoderBlock(num_heads=4, mlp_dim=32), [_SEQ, _MASK], {}),
     pytest.param("attention/transformer", mnn.MultiHeadAttention(num_heads=2, causal=True),
                  [_SEQ, _CTX], {}, marks=SLOW),
@@ -92,7 +91,6 @@ CASES = [
     ("model", _CLIP, [_TOKENS], {"method": "encode_text"}),
     pytest.param("model", models.ViT(variant="mu/4", scan_layers=True, pool="gap"),
                  [(2, 16, 16, 3)], {}, marks=SLOW),
-    pytest.param("model", _CLIP, [(2, 16, 16, 3), _TOKENS], {}, marks=SLOW),
 ]
 
 
