@@ -3,4 +3,4 @@
 Importing mmjax touches no device, parses no flag and reads no file.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # The one place: pyproject.toml reads it.

@@ -11,10 +11,11 @@ modules = [m.name for m in pkgutil.walk_packages(mmjax.__path__, "mmjax.")]
 library = [m for m in modules if not m.startswith(("mmjax.train", "mmjax.tasks"))]
 for name in library:
   importlib.import_module(name)
-# The library stays light; the harness (CLU's writers) may bring TensorFlow in.
 assert "tensorflow" not in sys.modules, "TensorFlow was imported by the library"
 for name in modules:
   importlib.import_module(name)
+# Nor by the harness: TensorBoard events are written without it (mmjax.train.metrics).
+assert "tensorflow" not in sys.modules, "TensorFlow was imported by the harness"
 from jax._src import xla_bridge
 assert not xla_bridge._backends, "a JAX backend was initialised at import"
 from absl import flags

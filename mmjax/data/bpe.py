@@ -1,9 +1,7 @@
 """CLIP's byte-level BPE tokenizer: the token ids of open_clip.tokenize, without PyTorch.
 
 The vocabulary is OpenAI's merges file `bpe_simple_vocab_16e6.txt.gz` (MIT licence),
-given by path: it ships inside the open_clip package (`open_clip/bpe_simple_vocab_16e6.txt.gz`)
-and OpenAI's CLIP repository (`clip/bpe_simple_vocab_16e6.txt.gz`); the tests carry a copy
-under tests/fixtures/clip/.
+shipped with mmjax (mmjax/data/assets/, with its licence) and used when no path is given.
 
 Text is cleaned as open_clip's default `clean="lower"` does (ftfy, HTML unescaping twice,
 whitespace collapsed, lower-cased), split with CLIP's regular expression, and each piece's
@@ -27,6 +25,8 @@ from mmjax.data import tokenizer
 # The merges that the vocabulary uses: lines 1 .. 48894 of the file (line 0 is a header).
 _NUM_MERGES = 49152 - 256 - 2
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+DEFAULT_VOCAB = os.path.join(os.path.dirname(__file__), "assets",
+                             "bpe_simple_vocab_16e6.txt.gz")
 _PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _LONGEST_CACHED = 64  # Characters: longer words are merged afresh each time.
 
@@ -56,19 +56,20 @@ class ClipTokenizer:
   """Strings -> int32 [n, context_length]: the ids open_clip.tokenize gives.
 
   Args:
-    vocab_path: CLIP's merges file, `bpe_simple_vocab_16e6.txt.gz` (gzip or plain text).
+    vocab_path: CLIP's merges file, `bpe_simple_vocab_16e6.txt.gz` (gzip or plain text);
+      None: the copy shipped with mmjax (`DEFAULT_VOCAB`).
     context_length: row length; 77 for every OpenAI and open_clip CLIP.
     cache_size: how many words' ids are kept (the least recently used go first).
   """
 
-  def __init__(self, vocab_path: str | os.PathLike, context_length: int = 77,
+  def __init__(self, vocab_path: str | os.PathLike | None = None, context_length: int = 77,
                cache_size: int = 1 << 16):
     import regex  # pylint: disable=import-outside-toplevel
     from tokenizers import models  # pylint: disable=import-outside-toplevel
     if context_length < 2:
       raise ValueError(f"context_length={context_length}: room is needed for the start and "
                        "end tokens.")
-    path = os.fspath(vocab_path)
+    path = DEFAULT_VOCAB if vocab_path is None else os.fspath(vocab_path)
     if not os.path.isfile(path):
       raise FileNotFoundError(
           f"No CLIP BPE vocabulary at {path!r}. Pass the path of bpe_simple_vocab_16e6.txt.gz: "

@@ -44,6 +44,7 @@ import codecs
 import collections
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -298,6 +299,9 @@ def convert(inputs: str, output_dir: str, name: str, *, val_fraction: float = 0.
                             f"complete), or choose another --name or --output_dir.")
     raise FileExistsError(f"{final} exists but holds no prepared dataset: remove it, or add "
                           f"--overwrite to replace it.")
+  if importlib.util.find_spec("tensorflow") is None:  # TFDS encodes the images with it.
+    raise ModuleNotFoundError("Writing a TFDS dataset needs TensorFlow: "
+                              "pip install 'mmjax[prepare]'.")
   skipped = Skipped(on_skip)
   if os.path.isdir(inputs) and any(os.path.exists(os.path.join(inputs, f))
                                    for f in ("captions.tsv", "captions.jsonl")):

@@ -18,6 +18,7 @@ a quarter of LeNet-5's train step on a 2-core CPU.
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -77,6 +78,9 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
     missing = f"Dataset {name!r} is not prepared in {data_dir} (searched {builder.data_dir})"
     if not download:
       raise DatasetNotFoundError(f"{missing} and config.dataset.download is False. {how}")
+    if importlib.util.find_spec("tensorflow") is None:  # TFDS prepares datasets with it.
+      raise DatasetNotFoundError(f"{missing}; preparing it from its download needs TensorFlow: "
+                                 f"pip install 'mmjax[prepare]'. {how}")
     unreachable = unreachable_hosts(_download_urls(builder))
     if unreachable:
       hosts = "; ".join(f"{host}: {why}" for host, why in unreachable.items())

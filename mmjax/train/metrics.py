@@ -1,19 +1,84 @@
-"""Metric writers: CLU (TensorBoard + logging) and one JSON line per step.
+"""Metric writers: TensorBoard events, logging, and one JSON line per step.
+
+TensorBoard events are written with tensorboardX's protocol buffers and event writer, so
+no TensorFlow is imported, in the format of TensorFlow's `tf.summary`: one tensor
+summary per scalar (plugin "scalars", float32) and per set of images (plugin "images",
+[width, height, png, png, ...] strings), which TensorBoard reads as before.
 
 A run that starts (or resumes from step s) first drops the rows and TensorBoard
 events after step 0 (or s): `truncate(workdir, s)`. The trainer writes a step's
 metrics before its checkpoint, so whatever is killed when, no step is written twice.
 """
+import abc
 import glob
+import io
+import itertools
 import json
+import logging
 import os
-from typing import Any, Mapping
+import struct
+import time
+from typing import Any, Iterator, Mapping
 
 import numpy as np
-from clu import metric_writers
+import PIL.Image
+from tensorboardX import event_file_writer, record_writer
+from tensorboardX.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class MetricWriter(abc.ABC):
+  """Writes a step's scalars (and images) somewhere."""
+
+  @abc.abstractmethod
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    """`scalars`: name -> number."""
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+    """`images`: name -> uint8 [n, h, w, c] (c 1, 3 or 4) or [h, w, c]."""
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter(MetricWriter):
+  """Writes to each of `writers` in turn."""
+
+  def __init__(self, writers: list[MetricWriter]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step, scalars):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_images(self, step, images):
+    for w in self._writers:
+      w.write_images(step, images)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+class LoggingWriter(MetricWriter):
+  """Logs `[step] name=value, ...` at INFO, names sorted."""
+
+  def write_scalars(self, step, scalars):
+    values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+              for k, v in sorted(scalars.items())]
+    logging.info("[%d] %s", step, ", ".join(values))
+
+  def write_images(self, step, images):
+    logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
+
+
+class JsonlWriter(MetricWriter):
   """Appends `{"step": s, name: value, ...}` lines to a file; scalars only."""
 
   def __init__(self, path: str):
@@ -25,19 +90,67 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
 
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_hparams(self, hparams): pass
-
   def flush(self):
     self._file.flush()
 
   def close(self):
     self._file.close()
+
+
+_WRITER_IDS = itertools.count()
+
+
+class TensorBoardWriter(MetricWriter):
+  """`<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>`: scalars and images.
+
+  Writes synchronously (each call appends its records to the file; `flush` syncs it).
+  """
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    self._events = event_file_writer.EventsWriter(
+        os.path.join(logdir, "events"), f".{os.getpid()}.{next(_WRITER_IDS)}")
+
+  def _write(self, step: int, tag: str, tensor, plugin: str):
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, tensor=tensor, metadata=metadata)])
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                             summary=summary))
+
+  def write_scalars(self, step, scalars):
+    for tag, value in scalars.items():
+      data = np.asarray(value, np.float32).reshape(()).tobytes()
+      self._write(step, tag, tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                                    tensor_content=data), "scalars")
+
+  def write_images(self, step, images):
+    for tag, value in images.items():
+      value = np.asarray(value)
+      value = value[None] if value.ndim == 3 else value
+      if value.dtype != np.uint8:
+        raise ValueError(f"Images {tag!r} are {value.dtype}; convert them to uint8 [n, h, w, c].")
+      _, h, w, _ = value.shape
+      strings = [str(w).encode(), str(h).encode()] + [_png(image) for image in value]
+      shape = tensor_shape_pb2.TensorShapeProto(
+          dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(strings))])
+      self._write(step, tag, tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,
+                                                    tensor_shape=shape,
+                                                    string_val=strings), "images")
+
+  def flush(self):
+    self._events.flush()
+
+  def close(self):
+    self._events.close()
+
+
+def _png(image: np.ndarray) -> bytes:
+  """uint8 [h, w, c] -> PNG bytes."""
+  buf = io.BytesIO()
+  PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+  return buf.getvalue()
 
 
 def truncate_jsonl(path: str, last_step: int):
@@ -58,6 +171,28 @@ def truncate_jsonl(path: str, last_step: int):
   os.replace(tmp, path)
 
 
+def _records(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file, up to a torn or corrupt one (a killed writer)."""
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      if len(header) < 12 or _crc(header[8:]) != record_writer.masked_crc32c(header[:8]):
+        raise _TornRecord
+      (length,) = struct.unpack("<Q", header[:8])
+      data, footer = f.read(length), f.read(4)
+      if (len(data) < length or len(footer) < 4
+          or _crc(footer) != record_writer.masked_crc32c(data)):
+        raise _TornRecord
+      yield data
+
+
+class _TornRecord(Exception):
+  pass
+
+
+def _crc(four_bytes: bytes) -> int:
+  return struct.unpack("<I", four_bytes)[0]
+
+
 def truncate_events(workdir: str, last_step: int):
   """Drops TensorBoard events after `last_step` from `<workdir>/events.out.tfevents.*`.
 
@@ -67,27 +202,27 @@ def truncate_events(workdir: str, last_step: int):
   paths = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   if not paths:
     return
-  import tensorflow as tf  # Already imported by the TensorBoard writer.
   for path in paths:
     events, dropped = [], False
     try:
-      for record in tf.data.TFRecordDataset(path):
-        event = tf.compat.v1.Event.FromString(record.numpy())
+      for record in _records(path):
+        event = event_pb2.Event.FromString(record)
         if event.step > last_step and event.HasField("summary"):
           dropped = True
         else:
-          events.append(record.numpy())
-    except tf.errors.DataLossError:
+          events.append(record)
+    except _TornRecord:
       dropped = True
     if not dropped:
       continue
-    if not any(tf.compat.v1.Event.FromString(e).HasField("summary") for e in events):
+    if not any(event_pb2.Event.FromString(e).HasField("summary") for e in events):
       os.remove(path)
       continue
     tmp = path + ".tmp"
-    with tf.io.TFRecordWriter(tmp) as w:
-      for e in events:
-        w.write(e)
+    w = record_writer.RecordWriter(tmp)
+    for e in events:
+      w.write(e)
+    w.close()
     os.replace(tmp, path)
 
 
@@ -97,14 +232,35 @@ def truncate(workdir: str, last_step: int):
   truncate_events(workdir, last_step)
 
 
-def create_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, is_main_process: bool) -> MetricWriter:
   """TensorBoard + logging + `<workdir>/metrics.jsonl` on process 0, logging elsewhere."""
   if not is_main_process:
-    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-  ])
+    return LoggingWriter()
+  return MultiWriter([LoggingWriter(), TensorBoardWriter(workdir),
+                      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+class ProgressLogger:
+  """`progress(step)` logs `step s/n (p%), r steps/s, ETA 2m31s` every `every_secs` seconds."""
+
+  def __init__(self, num_train_steps: int, every_secs: float = 30.0):
+    self._n, self._every = num_train_steps, every_secs
+    self._start: tuple[int, float] | None = None  # (step, time) of the first call.
+    self._last = 0.0
+
+  def __call__(self, step: int):
+    now = time.monotonic()
+    if self._start is None:
+      self._start, self._last = (step, now), now
+      return
+    if now - self._last < self._every:
+      return
+    self._last = now
+    rate = (step - self._start[0]) / (now - self._start[1])
+    eta = int(round((self._n - step) / rate)) if rate > 0 else 0
+    h, rest = divmod(eta, 3600)
+    logging.info("step %d/%d (%.1f%%), %.3g steps/s, ETA %s%dm%02ds", step, self._n,
+                 100 * step / self._n, rate, f"{h}h" if h else "", rest // 60, rest % 60)
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:

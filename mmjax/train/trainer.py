@@ -30,7 +30,6 @@ import ml_collections
 import numpy as np
 import optax
 import PIL.Image
-from clu import periodic_actions
 
 from mmjax.data import pipeline
 from mmjax import evals
@@ -398,8 +397,7 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
   writer = metrics_lib.create_writer(workdir, is_main)
   train_step = jit_train_step(task, run.opt, mesh, jax.tree.map(lambda x: x.sharding, state))
   profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             every_secs=30)
+  progress = metrics_lib.ProgressLogger(config.num_train_steps, every_secs=30)
   out = _Outputs(config, workdir, mngr, writer, start)
   with _SigtermFlag() as sigterm:
     for step in range(start + 1, config.num_train_steps + 1):
