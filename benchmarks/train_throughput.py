@@ -69,7 +69,7 @@ def main():
   import jax
   import plain_flax
   from mmjax import tasks
-  from mmjax.data import pipeline
+  from mmjax.data import batching
   from mmjax.train import sharding, trainer
 
   base_model, plain_model = plain_flax.MODELS.get(args.model, (args.model, None))
@@ -82,7 +82,7 @@ def main():
   if plain_model is not None:
     task.model = plain_model()
   state, opt = trainer.create_train_state(config, task, mesh)
-  train_iter = iter(task.train_dataset(pipeline.Sharding()))
+  train_iter = iter(task.train_dataset(batching.Sharding()))
   batch = sharding.global_batch(next(train_iter), mesh)
 
   t = time.perf_counter()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmjax import tasks
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import sharding
 from mmjax.train import trainer
@@ -28,9 +28,9 @@ def synthetic_mnist(monkeypatch):
             "label": rng.integers(0, 10, 512).astype(np.int64)}
 
   def load_source(dataset_config, split):
-    return pipeline.ArraySource(arrays)
+    return sources.ArraySource(arrays)
 
-  monkeypatch.setattr(pipeline, "load_source", load_source)
+  monkeypatch.setattr(sources, "load_source", load_source)
 
 
 def _config(name, arg):

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmjax import configs
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.tasks import base
 from mmjax.tasks import clip as clip_task
 from mmjax.train import metrics as metrics_lib
@@ -26,7 +26,7 @@ class MlpTask(base.Task):
   def setup(self):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 16)).astype(np.float32)
-    self.train_source = pipeline.ArraySource({"x": x, "y": np.sin(x @ rng.normal(size=16))
+    self.train_source = sources.ArraySource({"x": x, "y": np.sin(x @ rng.normal(size=16))
                                               .astype(np.float32)})
 
   def train_preprocess(self, batch):

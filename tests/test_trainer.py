@@ -13,7 +13,8 @@ import pytest
 from mmjax import configs
 from mmjax import evals
 from mmjax import tasks
-from mmjax.data import pipeline
+from mmjax.data import batching
+from mmjax.data import sources
 from mmjax.tasks import base
 from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
@@ -29,7 +30,7 @@ class LinearTask(base.Task):
 
   def setup(self):
     x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
-    self.train_source = pipeline.ArraySource({"x": x, "y": x @ TARGET})
+    self.train_source = sources.ArraySource({"x": x, "y": x @ TARGET})
 
   def train_preprocess(self, batch):
     return {"x": batch["x"], "y": batch["y"]}
@@ -278,7 +279,7 @@ def test_the_step_flops_are_per_device():
     task = LinearTask(config, mesh)
     task.setup()
     state, opt = trainer.create_train_state(config, task, mesh)
-    batch = next(iter(task.train_dataset(pipeline.Sharding())))
+    batch = next(iter(task.train_dataset(batching.Sharding())))
     compiled = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
     flops.append(throughput.step_flops(compiled))
   # The batch-proportional work splits over 4 devices; the update of the replicated

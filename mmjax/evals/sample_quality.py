@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import models
-from mmjax.data import pipeline
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.evals import generative
 from mmjax.train import checkpoints
 from mmjax.train import sharding as sharding_lib
@@ -45,12 +46,12 @@ class SampleQuality:
                          f"{classifier_workdir} holds {run.config['model']!r}.")
       self.judge = models.LeNet5()
       self.judge_params = jax.device_get(run.params)
-      self.judge_norm = pipeline.normalisation(run.config["dataset"]["name"])
+      self.judge_norm = image.normalisation(run.config["dataset"]["name"])
       self._classify = jax.jit(self._classify_fn,
                                out_shardings=sharding_lib.replicated(task.mesh))
       self.test_features = self._features(
-          pipeline.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
-      train = pipeline.load_source(c.dataset, c.dataset.train_split).arrays["image"]
+          sources.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
+      train = sources.load_source(c.dataset, c.dataset.train_split).arrays["image"]
       self.fld_reference = generative.frechet_distance(
           self._features(train[:len(self.labels)]), self.test_features)
 

@@ -33,7 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import batching
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.data import vqa
 from mmjax.models import vit
 from mmjax.models import vlm
@@ -76,7 +78,7 @@ class GridImages:
     self.init_from = config.get("init_from") or ""
     self.cell_size = 0  # The loaded tower's image size; 0: cells as stored.
     self.model_overrides = {}
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
+    self.mean, self.std = image.normalisation(config.dataset.name)
     if not self.init_from:
       return
     if config.get("clip_workdir"):
@@ -89,7 +91,7 @@ class GridImages:
     self.model_overrides = {"vision_variant": clip.image_variant,
                             "vision_options": tuple(sorted(options.items()))}
     self.cell_size = open_clip.read_config(self.init_from)["vision_cfg"]["image_size"]
-    self.mean, self.std = pipeline.CLIP_MEAN, pipeline.CLIP_STD
+    self.mean, self.std = image.CLIP_MEAN, image.CLIP_STD
 
   def grid_shape(self, cell_shape) -> tuple[int, int, int]:
     """[h, w, c] of a stored cell -> [H, W, C] of the grids the model reads."""
@@ -101,7 +103,7 @@ class GridImages:
     """uint8 grids [b, 2h, 2w, c] -> float32 [b, H, W, C] (`grid_shape`), normalised."""
     if self.cell_size:
       grids = vqa.resize_cells(grids, self.cell_size, channels=3)
-    return pipeline.normalize_channels(grids, self.mean, self.std)
+    return image.normalize(grids, self.mean, self.std)
 
   def pretrained(self, init):
     """init(rng) -> (params, extras): with init_from, init's result for the trainer's key
@@ -163,15 +165,15 @@ class Task:
   def setup(self) -> None:
     """Expensive set-up, called once by the trainer before anything else."""
     c = self.config
-    self.train_source = pipeline.load_source(c.dataset, c.dataset.train_split)
+    self.train_source = sources.load_source(c.dataset, c.dataset.train_split)
     self.image_shape = image_shape(self.train_source)
 
-  def train_dataset(self, sharding: pipeline.Sharding):
-    return pipeline.train_dataset(
+  def train_dataset(self, sharding: batching.Sharding):
+    return batching.train_dataset(
         self.train_source, global_batch_size=self.config.global_batch_size,
         seed=self.config.seed, sharding=sharding, preprocess=self.train_preprocess)
 
-  def train_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+  def train_preprocess(self, batch: sources.Batch) -> sources.Batch:
     raise NotImplementedError(f"{type(self).__name__} must define train_preprocess or "
                               f"train_dataset.")
 

@@ -32,7 +32,7 @@ import PIL.Image
 from clu import periodic_actions
 
 from mmjax import evals
-from mmjax.data import pipeline
+from mmjax.data import batching
 from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
@@ -300,7 +300,7 @@ def _train_and_evaluate(config, workdir, task, mesh) -> dict[str, float]:
   evaluators = evals.build(config, task)
 
   # Data: each process reads its own share of every global batch.
-  data_sharding = pipeline.Sharding(jax.process_index(), jax.process_count())
+  data_sharding = batching.Sharding(jax.process_index(), jax.process_count())
   train_iter = iter(task.train_dataset(data_sharding))
 
   state, opt = create_train_state(config, task, mesh)
