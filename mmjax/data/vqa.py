@@ -19,7 +19,6 @@ seen in training.
 """
 import numpy as np
 
-from mmjax.data import captions
 from mmjax.data import seeded
 from mmjax.data import tokenizer as tokenizer_lib
 
