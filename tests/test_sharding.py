@@ -53,9 +53,7 @@ def _config(**overrides):
   c.checkpoint_every_steps = 3
   c.keep_checkpoints = 5
   c.fsdp_min_size = 256  # w1 [16, 64] and w2 [64, 24] split; b1, w3, odd replicated.
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.schedule = "constant"
+  configs.set_optimizer(c, "adamw", weight_decay=0.01, schedule="constant")
   c.update(overrides)
   return c
 

@@ -59,16 +59,9 @@ class WError:
 def _config(**overrides):
   c = configs.base_config()
   c.task = "linear"
-  c.global_batch_size = 16
-  c.num_train_steps = 40
-  c.log_every_steps = 1
-  c.eval_every_steps = 20
-  c.checkpoint_every_steps = 5
+  configs.set_steps(c, batch=16, steps=40, log_every=1, eval_every=20, checkpoint_every=5)
+  configs.set_optimizer(c, "sgd", b1=0.0, learning_rate=0.05, schedule="constant")
   c.evals.w = dict(type="test_trainer:WError")
-  c.optimizer.name = "sgd"
-  c.optimizer.b1 = 0.0
-  c.optimizer.learning_rate = 0.05
-  c.optimizer.schedule = "constant"
   c.update(overrides)
   return c
 
