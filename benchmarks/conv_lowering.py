@@ -5,7 +5,7 @@ r"""Per-layer timings of every lowering of `mmjax.nn.conv2d`, as JSON lines.
 
 For each convolution of LeNet-5 and SmallCNN, and the 3x3 ones of the latent-diffusion
 U-Net (shapes after padding), times three
-jitted functions for each lowering in `mmjax.nn.conv` ("shift", "band", "band<n>",
+jitted functions for each lowering in `mmjax.nn.conv_cpu` ("shift", "band", "band<n>",
 "xla", "patches"):
 
   forward       activation(conv(x, k) + b), the activation of the model (tanh or ReLU),
@@ -15,8 +15,8 @@ jitted functions for each lowering in `mmjax.nn.conv` ("shift", "band", "band<n>
 
 The lowerings are timed alternately (A B C A B C ...), `--rounds` times, and each line
 gives the median milliseconds per call ("ms") and the fastest round ("min_ms", the
-steadier figure on a shared machine). `choose_plan` in mmjax/nn/conv.py is the
-summary of these numbers; `train_throughput.py` checks the choice over a whole step.
+steadier figure on a shared machine). `choose_plan` in mmjax/nn/conv_cpu.py follows
+these numbers; `train_throughput.py` checks the choice over a whole step.
 """
 import argparse
 import json
@@ -53,7 +53,7 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mmjax.nn import conv
+  from mmjax.nn import conv_cpu
 
   rng = np.random.default_rng(0)
   stride = (1, 1)
@@ -70,7 +70,7 @@ def main():
     for part in args.parts.split(","):
       fns = {}
       for name in lowerings:
-        f = conv.lowering(name)
+        f = conv_cpu.lowering(name)
         if part == "forward":
           fns[name] = (jax.jit(lambda x, k, f=f: activation(f(x, k, stride) + b)), (x, k))
         elif part == "input_grad":

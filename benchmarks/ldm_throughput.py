@@ -22,13 +22,12 @@ times one call of it on `--samples` prompts (`--samples 0`: no sampler).
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks import clip_throughput  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
 
 
 def main():
@@ -38,9 +37,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--samples", type=int, default=200)
   parser.add_argument("--shapes", default="mnist", choices=["mnist", "sd"])
-  clip_throughput.add_scale_flags(parser)
+  common.add_scale_flags(parser)
   args = parser.parse_args()
-  host_malloc = clip_throughput.start_host(args.cpu_devices)
+  host_malloc = common.start_host(args.cpu_devices)
 
   import jax
   import jax.numpy as jnp
@@ -73,7 +72,7 @@ def main():
                        attention_resolutions=(1, 2, 4), num_heads=8, groups=32)
     config.text = dict(width=768, depth=1, num_heads=12, mlp_dim=3072, max_len=77)
     config.frozen = ("text/.*",)
-  mesh = clip_throughput.apply_scale_flags(config, args)
+  mesh = common.apply_scale_flags(config, args)
   task = SyntheticLatentDiffusionTask(config, mesh)
   task.setup()
   t = time.perf_counter()
@@ -88,7 +87,7 @@ def main():
       "tokens": tokenizer.encode([config.prompt.format(y) for y in labels]),
   }, mesh)
 
-  step, compile_s, compile_profile = clip_throughput.compile_step(
+  step, compile_s, compile_profile = common.compile_step(
       args, trainer.jit_train_step(task, opt, mesh, jax.tree.map(lambda x: x.sharding, state)),
       state, batch)
   flops = throughput.step_flops(step)  # Per device.
@@ -98,21 +97,13 @@ def main():
          "device_kind": jax.devices()[0].device_kind, "host_malloc": host_malloc,
          "unet_params": int(sum(x.size for x in jax.tree.leaves(state.params["unet"]))),
          "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
-         "gflops_per_step_per_device": round(flops / 1e9, 2), **clip_throughput.memory_row(step),
+         "gflops_per_step_per_device": round(flops / 1e9, 2), **common.memory_row(step),
          **compile_profile}
   if args.compile_only:
     print(json.dumps(row))
     return
-  state, _ = step(state, batch)  # Warm-up.
-  jax.block_until_ready(state)
-  rates = []
-  for _ in range(args.repeats):
-    t = time.perf_counter()
-    for _ in range(args.steps):
-      state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    rates.append(args.steps * args.batch / (time.perf_counter() - t))
-  images_per_sec = statistics.median(rates)
+  images_per_sec, state = common.median_rate(step, state, batch, args.steps, args.repeats,
+                                             args.batch)
 
   rates = throughput.rates(images_per_sec / args.batch, args.batch, flops,
                            throughput.peak_tflops(config))
@@ -120,7 +111,7 @@ def main():
               "step_ms": round(1000 * args.batch / images_per_sec, 1),
               "tflops_per_device": round(rates.get("train/tflops_per_device", 0.0), 4),
               "mfu": round(rates["train/mfu"], 4) if "train/mfu" in rates else None})
-  profile, state = clip_throughput.profile_row(args, step, state, batch)
+  profile, state = common.profile_row(args, step, state, batch)
   row.update(profile)
   if args.shapes == "mnist" and args.samples:
     row.update(_time_sampler(args, config, task, state, tokenizer))

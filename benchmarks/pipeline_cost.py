@@ -33,7 +33,7 @@ def main():
   import jax
   from experiments import mnist_lenet
   from mmjax import tasks
-  from mmjax.data import pipeline
+  from mmjax.data import batching
   from mmjax import parallel
 
   config = mnist_lenet.get_config()
@@ -42,7 +42,7 @@ def main():
   task = tasks.get_task(config, mesh)
   task.setup()
   to_step = parallel.global_batch if args.global_arrays else parallel.step_batch
-  train_iter = iter(task.train_dataset(pipeline.Sharding()))
+  train_iter = iter(task.train_dataset(batching.Sharding()))
   for _ in range(20):  # Warm-up: the reading thread started, the buffer filled.
     to_step(next(train_iter), mesh)
 

@@ -23,6 +23,7 @@ plain-Flax twin's step (XLA's convolution: the model's own multiply-adds), on wh
 `--dtype` sets config.dtype (the computation dtype; parameters stay float32).
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -30,24 +31,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _flops(lowered_or_compiled) -> float:
-  cost = lowered_or_compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0))
+from benchmarks import common  # pylint: disable=wrong-import-position
 
 
 def _model_flops(config, task, mesh, batch, base_model) -> float:
   """FLOPs of the train step with the plain-Flax twin of the model (lowered, not run)."""
-  import plain_flax
-  from mmjax.train import trainer
+  from benchmarks import plain_flax
+  from mmjax.train import throughput, trainer
   model = task.model
   task.model = {name: cls for name, cls in plain_flax.MODELS.values()}[base_model]()
   try:
     state, opt = trainer.create_train_state(config, task, mesh)
-    return _flops(trainer.jit_train_step(task, opt, mesh).lower(state, batch))
+    return throughput.step_flops(trainer.jit_train_step(task, opt, mesh).lower(state, batch))
   finally:
     task.model = model
 
@@ -62,16 +58,15 @@ def main():
   parser.add_argument("--warmup", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   args = parser.parse_args()
-  from clip_throughput import start_host
   from experiments import mnist_lenet
-  host_malloc = start_host(reuse=mnist_lenet.get_config().reuse_host_memory)  # As launch.py.
+  host_malloc = common.start_host(reuse=mnist_lenet.get_config().reuse_host_memory)  # As launch.py.
 
   import jax
-  import plain_flax
+  from benchmarks import plain_flax
   from mmjax import tasks
-  from mmjax.data import pipeline
+  from mmjax.data import batching
   from mmjax import parallel
-  from mmjax.train import trainer
+  from mmjax.train import throughput, trainer
 
   base_model, plain_model = plain_flax.MODELS.get(args.model, (args.model, None))
   config = mnist_lenet.get_config(f"model={base_model}")
@@ -83,32 +78,26 @@ def main():
   if plain_model is not None:
     task.model = plain_model()
   state, opt = trainer.create_train_state(config, task, mesh)
-  train_iter = iter(task.train_dataset(pipeline.Sharding()))
+  train_iter = iter(task.train_dataset(batching.Sharding()))
   batch = parallel.global_batch(next(train_iter), mesh)
 
   t = time.perf_counter()
   step = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  flops_per_image = _flops(step) / args.batch
+  flops_per_image = throughput.step_flops(step) / args.batch
   model_flops_per_image = _model_flops(config, task, mesh, batch, base_model) / args.batch
 
   for _ in range(args.warmup):
     state, metrics = step(state, batch)
   jax.block_until_ready(state)
 
-  def timed(fresh_batches: bool) -> float:
-    nonlocal state
-    t = time.perf_counter()
-    for _ in range(args.steps):
-      b = parallel.step_batch(next(train_iter), mesh) if fresh_batches else batch
-      state, _ = step(state, b)
-    jax.block_until_ready(state)
-    return args.steps * args.batch / (time.perf_counter() - t)
-
+  fixed = itertools.repeat(batch)
+  fresh = (parallel.step_batch(b, mesh) for b in train_iter)  # Made inside the timed loop.
   step_only, end_to_end = [], []
   for _ in range(args.repeats):  # Alternate, so drift in machine load hits both alike.
-    step_only.append(timed(False))
-    end_to_end.append(timed(True))
+    for batches, rates in ((fixed, step_only), (fresh, end_to_end)):
+      rate, state = common.examples_per_sec(step, state, batches, args.steps, args.batch)
+      rates.append(rate)
   ips = statistics.median(step_only)
   # Each end-to-end repeat against the step-only repeat just before it: drifts in
   # machine load, slower than a repeat, cancel out of the ratio.

@@ -46,17 +46,10 @@ def get_config(arg=None):
   c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=2,
                  text_heads=4, text_mlp_dim=256, max_text_len=64, embed_dim=64,
                  dropout_rate=0.0)
-  c.global_batch_size = 128
-  c.eval_batch_size = 256
-  c.num_train_steps = 1500
-  c.log_every_steps = 100
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 100
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.grad_clip_norm = 1.0
+  configs.set_steps(c, batch=128, eval_batch=256, steps=1500, log_every=100, eval_every=500,
+                    checkpoint_every=500)
+  configs.set_optimizer(c, "adamw", learning_rate=1e-3, warmup_steps=100, weight_decay=0.05,
+                        grad_clip_norm=1.0)
   c.evals.retrieval = dict(type="zeroshot_retrieval")  # Retrieval only: no classes.
 
   if arg.smoke:

@@ -40,17 +40,11 @@ def get_config(arg=None):
   c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
                  text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64,
                  dropout_rate=0.0)
-  c.global_batch_size = 256
-  c.eval_batch_size = 1024
-  c.num_train_steps = 2500  # 10.7 epochs of 60,000 pairs.
-  c.log_every_steps = 100
-  c.eval_every_steps = 1250
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 2e-3
-  c.optimizer.warmup_steps = 200
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.grad_clip_norm = 1.0
+  # 2500 steps: 10.7 epochs of 60,000 pairs.
+  configs.set_steps(c, batch=256, eval_batch=1024, steps=2500, log_every=100,
+                    eval_every=1250, checkpoint_every=500)
+  configs.set_optimizer(c, "adamw", learning_rate=2e-3, warmup_steps=200, weight_decay=0.05,
+                        grad_clip_norm=1.0)
   c.evals.zeroshot = dict(type="zeroshot_retrieval")  # Zero-shot top-1 and retrieval.
 
   if arg.smoke:

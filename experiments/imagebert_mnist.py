@@ -48,17 +48,10 @@ def get_config(arg=None):
   c.mlm_loss_weight = 1.0
   c.itm_hard_fraction = 0.25  # Share of negatives that change one cell's class only.
 
-  c.global_batch_size = 64
-  c.eval_batch_size = 500
-  c.num_train_steps = 4000
-  c.log_every_steps = 100
-  c.eval_every_steps = 2000
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.grad_clip_norm = 1.0
+  configs.set_steps(c, batch=64, eval_batch=500, steps=4000, log_every=100, eval_every=2000,
+                    checkpoint_every=500)
+  configs.set_optimizer(c, "adamw", learning_rate=1e-3, warmup_steps=200, weight_decay=0.05,
+                        grad_clip_norm=1.0)
   c.evals.itm = dict(type="itm", num_grids=2000)
 
   if arg.smoke:

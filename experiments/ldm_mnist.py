@@ -56,14 +56,9 @@ def _autoencoder_config():
                  groups=4, pad=2)
   c.kl_weight = 1e-6
   c.reconstruction_loss = "l1"
-  c.global_batch_size = 128
-  c.num_train_steps = 1000
-  c.log_every_steps = 100
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 2e-3
-  c.optimizer.warmup_steps = 100
+  configs.set_steps(c, batch=128, steps=1000, log_every=100, eval_every=500,
+                    checkpoint_every=500)
+  configs.set_optimizer(c, "adam", learning_rate=2e-3, warmup_steps=100)
   c.evals.reconstruction = dict(type="reconstruction")
   return c
 
@@ -88,15 +83,9 @@ def _diffusion_config():
                          samples_per_class=100, guidance_scales=(0.0, 1.0, 2.0, 4.0),
                          grid_per_class=8)
 
-  c.global_batch_size = 128
-  c.num_train_steps = 3000
-  c.log_every_steps = 100
-  c.eval_every_steps = 1500
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.flatten = True  # ~250 small leaves: +5% images/s, compile 27 -> 21 s.
+  configs.set_steps(c, batch=128, steps=3000, log_every=100, eval_every=1500,
+                    checkpoint_every=500)
+  # flatten: ~250 small leaves, so one flat vector updates faster and compiles sooner.
+  configs.set_optimizer(c, "adamw", learning_rate=1e-3, warmup_steps=200, weight_decay=0.0,
+                        grad_clip_norm=1.0, flatten=True)
   return c

@@ -24,16 +24,12 @@ def get_config(arg=None):
   c.model = arg.model
   c.dataset.name = arg.dataset
 
-  c.global_batch_size = 128
   # Steps of a few ms: glibc's default malloc arenas are faster here (benchmarks/README.md).
   c.reuse_host_memory = False
-  c.num_train_steps = 4690  # 10 epochs of 60,000 images.
-  c.log_every_steps = 200
-  c.eval_every_steps = 938
-  c.checkpoint_every_steps = 938
-  c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 200
+  # 4690 steps: 10 epochs of 60,000 images.
+  configs.set_steps(c, batch=128, steps=4690, log_every=200, eval_every=938,
+                    checkpoint_every=938)
+  configs.set_optimizer(c, "adam", learning_rate=3e-3, warmup_steps=200)
   c.evals.accuracy = dict(type="classification")  # Every eval_every_steps, whole test split.
 
   if arg.smoke:

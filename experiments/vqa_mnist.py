@@ -49,17 +49,10 @@ def get_config(arg=None):
   c.max_answer_len = 12 if arg.dataset == "fashion_mnist" else 8  # The answer's bytes + EOS.
   c.kind_weights = (2.0, 1.0, 1.0)  # Training mix of cell, count and presence questions.
 
-  c.global_batch_size = 64
-  c.eval_batch_size = 500
-  c.num_train_steps = 4500
-  c.log_every_steps = 100
-  c.eval_every_steps = 2250
-  c.checkpoint_every_steps = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.grad_clip_norm = 1.0
+  configs.set_steps(c, batch=64, eval_batch=500, steps=4500, log_every=100, eval_every=2250,
+                    checkpoint_every=500)
+  configs.set_optimizer(c, "adamw", learning_rate=1e-3, warmup_steps=200, weight_decay=0.05,
+                        grad_clip_norm=1.0)
   c.evals.vqa = dict(type="vqa", num_grids=1500)
 
   if arg.smoke:

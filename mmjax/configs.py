@@ -93,18 +93,41 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def set_steps(c: ml_collections.ConfigDict, *, batch: int, steps: int, log_every: int,
+              eval_every: int, checkpoint_every: int,
+              eval_batch: int | None = None) -> ml_collections.ConfigDict:
+  """Sets the global batch size (and the evaluation batch size, if given), the number
+  of training steps, and how often to log, evaluate and checkpoint, in place."""
+  c.global_batch_size = batch
+  if eval_batch is not None:
+    c.eval_batch_size = eval_batch
+  c.num_train_steps = steps
+  c.log_every_steps = log_every
+  c.eval_every_steps = eval_every
+  c.checkpoint_every_steps = checkpoint_every
+  return c
+
+
+def set_optimizer(c: ml_collections.ConfigDict, name: str,
+                  **fields) -> ml_collections.ConfigDict:
+  """Sets config.optimizer.name and the given fields of config.optimizer (learning_rate,
+  warmup_steps, weight_decay, ...; see `base_config`), in place."""
+  unknown = sorted(set(fields) - set(c.optimizer))
+  if unknown:
+    raise ValueError(f"Unknown optimizer fields {unknown}; known: {sorted(c.optimizer)}.")
+  c.optimizer.name = name
+  for key, value in fields.items():
+    c.optimizer[key] = value
+  return c
+
+
 def apply_smoke(c: ml_collections.ConfigDict, *, steps: int = 20, batch: int = 32,
                 eval_batch: int | None = None) -> ml_collections.ConfigDict:
   """Shrinks a config to a seconds-long run, in place: `steps` steps of `batch` (a
   multiple of 8, for 8 fake devices), a log line every 5 steps, two checkpoints,
   evaluation at the end on a 2,048-example slice of the eval split."""
-  c.global_batch_size = batch
-  c.num_train_steps = steps
-  c.log_every_steps = 5
-  c.eval_every_steps = steps
-  c.checkpoint_every_steps = steps // 2
-  if eval_batch:
-    c.eval_batch_size = eval_batch
+  set_steps(c, batch=batch, eval_batch=eval_batch or None, steps=steps, log_every=5,
+            eval_every=steps, checkpoint_every=steps // 2)
   c.dataset.eval_split = "test[:2048]"
   c.optimizer.warmup_steps = 2
   return c

@@ -26,7 +26,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ValueError, starting "softmax_cross_entropy:", for mismatched shapes or non-integer
     labels. The labels' values are traced and not checked: -classes <= label < 0
     silently counts from the end (-1 is the last class) and any other out-of-range
-    label gives NaN. Check NumPy batches with `mmjax.data.pipeline.check_labels`.
+    label gives NaN. Check NumPy batches with `mmjax.data.sources.check_labels`.
   """
   shape, label_shape = jnp.shape(logits), jnp.shape(labels)
   if len(shape) < 1 or label_shape != shape[:-1]:

@@ -1,10 +1,17 @@
-"""Runs launch.py in subprocesses with a chosen number of fake CPU devices."""
-import json
+"""Runs the trainer: launch.py in subprocesses with a chosen number of fake CPU devices
+(`run`), or in this process (`train`); reads what a run wrote."""
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+
+import jax
+
+from mmjax import tasks
+from mmjax.train import metrics as metrics_lib
+from mmjax import parallel
+from mmjax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,9 +38,22 @@ def run(config: str, workdir, *overrides: str, devices: int = 1, extra=(), check
   return proc
 
 
+def train(task_cls, config, workdir, devices=None, mesh_shape=None) -> dict:
+  """Trains and evaluates in this process, as launch.py does after its checks.
+
+  `task_cls(config, mesh)` is the task (None: the config's registered one), on a mesh of
+  `devices` (n: the first n; a list; None: all) shaped `mesh_shape` (None: all along
+  data). Returns the final metrics."""
+  if isinstance(devices, int):
+    devices = jax.devices()[:devices]
+  mesh = parallel.make_mesh(devices, mesh_shape)
+  task = (task_cls or tasks.get_task)(config, mesh)
+  return trainer.train_and_evaluate(config, str(workdir), task, mesh)
+
+
 def metrics(workdir) -> list[dict]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The rows of a run's metrics.jsonl, in order."""
+  return metrics_lib.read_jsonl(str(pathlib.Path(workdir) / "metrics.jsonl"))
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -303,9 +303,9 @@ def _every_lowering_cases():
         rng = _case_rng(lowering, stride, cin, kernel_hw)
         x = jnp.asarray(rng.normal(size=(2, 11, 12, cin)), jnp.float32)
         kernel = jnp.asarray(rng.normal(size=(*kernel_hw, cin, 4)), jnp.float32)
-        plan = mnn.conv.Plan(lowering, lowering, lowering)
+        plan = mnn.conv_cpu.Plan(lowering, lowering, lowering)
         cases[(lowering, stride, cin, kernel_hw)] = _vjp_case(
-            lambda x, k, stride=stride, plan=plan: mnn.conv.conv_valid(x, k, stride, plan),
+            lambda x, k, stride=stride, plan=plan: mnn.conv_cpu.conv_valid(x, k, stride, plan),
             x, kernel, stride, rng)
   return _run_all(cases)
 
@@ -338,14 +338,14 @@ def _mixed_plan_cases():
       x = jnp.asarray(rng.normal(size=(6, 10, 9, 2)), jnp.float32)
       kernel = jnp.asarray(rng.normal(size=(3, 4, 2, 5)), jnp.float32)
       cases[(plan, stride)] = _vjp_case(
-          lambda x, k, stride=stride, plan=mnn.conv.Plan(*plan): mnn.conv.conv_valid(
+          lambda x, k, stride=stride, plan=mnn.conv_cpu.Plan(*plan): mnn.conv_cpu.conv_valid(
               x, k, stride, plan), x, kernel, stride, rng)
   # 5 images in 2 pieces.
   rng = _case_rng("pieces")
   x = jnp.asarray(rng.normal(size=(5, 9, 8, 3)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
-  plan = mnn.conv.Plan("band", "band2", "band", 2)
-  cases["pieces"] = _vjp_case(lambda x, k: mnn.conv.conv_valid(x, k, (1, 1), plan),
+  plan = mnn.conv_cpu.Plan("band", "band2", "band", 2)
+  cases["pieces"] = _vjp_case(lambda x, k: mnn.conv_cpu.conv_valid(x, k, (1, 1), plan),
                               x, kernel, (1, 1), rng)
   return _run_all(cases)
 
@@ -383,9 +383,9 @@ def _chosen_plan_cases():
     rng = _case_rng(*key)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-    plans[key] = plan = mnn.conv.choose_plan(x.shape, kernel.shape, stride)
+    plans[key] = plan = mnn.conv_cpu.choose_plan(x.shape, kernel.shape, stride)
     cases[key] = _vjp_case(
-        lambda x, k, stride=stride, plan=plan: mnn.conv.conv_valid(x, k, stride, plan),
+        lambda x, k, stride=stride, plan=plan: mnn.conv_cpu.conv_valid(x, k, stride, plan),
         x, kernel, stride, rng)
   return plans, _run_all(cases)
 
@@ -413,8 +413,8 @@ def _bias_gradient_cases():
     kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
     bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
 
-    def ours(x, k, b, plan=mnn.conv.Plan(*plan)):
-      return mnn.conv.conv_valid(x, k, (1, 1), plan, b)
+    def ours(x, k, b, plan=mnn.conv_cpu.Plan(*plan)):
+      return mnn.conv_cpu.conv_valid(x, k, (1, 1), plan, b)
 
     def reference(x, k, b):
       return _lax_conv(x, k, (1, 1)) + b
@@ -464,7 +464,7 @@ def _fuzz_cases(n: int = 20, seed: int = 15) -> list:
     lowering = ["auto", "plan", "xla", "auto", "plan"][i % 5]
     if lowering == "plan":
       names = [n for n in FUZZ_LOWERINGS if n != "shift" or cin * kh * kw <= 12]
-      lowering = mnn.conv.Plan(*(str(n) for n in rng.choice(names, size=3)),
+      lowering = mnn.conv_cpu.Plan(*(str(n) for n in rng.choice(names, size=3)),
                                int(rng.integers(1, 4)))
     cases.append(pytest.param(x_shape, kernel_shape, stride, padding, mode, dtype, lowering,
                               id=f"{i}-{x_shape}-{kernel_shape}-s{stride}-{dtype}-{lowering}"))
@@ -525,7 +525,7 @@ def _fuzz_results():
         _value_vjp_jvp(ours, a, t, c), _value_vjp_jvp(reference, a, t, c)),
                       (args, tangents, cotangent))
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(mnn.conv, "CHUNK_BYTES", 64 << 10)  # Read when "auto" plans, as traced.
+    m.setattr(mnn.conv_cpu, "CHUNK_BYTES", 64 << 10)  # Read when "auto" plans, as traced.
     return dtypes, _run_all(cases)
 
 
@@ -543,7 +543,7 @@ def test_conv2d_fuzz_values_vjps_and_jvps_equal_lax_conv(x_shape, kernel_shape, 
     _assert_close(g, w, FUZZ_DTYPES[dtype][2], what)
 
 
-@pytest.mark.parametrize("lowering", ["auto", mnn.conv.Plan("xla", "band2", "patches", 2)])
+@pytest.mark.parametrize("lowering", ["auto", mnn.conv_cpu.Plan("xla", "band2", "patches", 2)])
 def test_conv2d_hessian_vector_products_equal_lax_conv(lowering):
   """Forward over reverse (jvp of grad) and reverse over reverse (grad of a grad norm)."""
   x = jnp.asarray(RNG.normal(size=(5, 7, 6, 8)), jnp.float32)
@@ -580,13 +580,13 @@ def test_auto_lowering_follows_the_backend(monkeypatch):
 
   monkeypatch.setattr(mnn.conv, "_backend", lambda: "cpu")
   assert "custom_jvp_call" in primitives("auto")
-  assert "conv_general_dilated" not in primitives(mnn.conv.Plan("band", "band", "band"))
+  assert "conv_general_dilated" not in primitives(mnn.conv_cpu.Plan("band", "band", "band"))
   for backend in ("gpu", "tpu"):
     monkeypatch.setattr(mnn.conv, "_backend", lambda: backend)
     assert primitives("auto") == primitives("xla")
     assert "custom_jvp_call" not in primitives("auto")
     assert "conv_general_dilated" in primitives("auto")
-    assert "conv_general_dilated" not in primitives(mnn.conv.Plan("band", "band", "band"))
+    assert "conv_general_dilated" not in primitives(mnn.conv_cpu.Plan("band", "band", "band"))
 
 
 @pytest.mark.parametrize("lowering, match", [

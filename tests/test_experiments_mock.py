@@ -8,11 +8,10 @@ test_vqa_tasks); the two here are the fast tier's.
 """
 import importlib.util
 
-import jax
 import numpy as np
 import pytest
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax import parallel
 from mmjax import tasks
 from mmjax.train import metrics as metrics_lib
@@ -28,9 +27,9 @@ def synthetic_mnist(monkeypatch):
             "label": rng.integers(0, 10, 512).astype(np.int64)}
 
   def load_source(dataset_config, split):
-    return pipeline.ArraySource(arrays)
+    return sources.ArraySource(arrays)
 
-  monkeypatch.setattr(pipeline, "load_source", load_source)
+  monkeypatch.setattr(sources, "load_source", load_source)
 
 
 def _config(name, arg):
@@ -40,15 +39,6 @@ def _config(name, arg):
   return module.get_config(arg)
 
 
-def _run(config, workdir):
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  final = trainer.train_and_evaluate(config, str(workdir), tasks.get_task(config, mesh), mesh)
-  rows = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
-  assert rows[-1]["step"] == config.num_train_steps
-  assert all(np.isfinite(r["train/loss"]) for r in rows)
-  return final
-
-
 @pytest.mark.parametrize("name, arg, key", [
     ("mnist_lenet", "smoke", "eval/accuracy"),
     ("clip_mnist", "smoke", "eval/zeroshot_top1"),
@@ -56,5 +46,8 @@ def _run(config, workdir):
 def test_experiment_on_synthetic_data(tmp_path, name, arg, key):
   config = _config(name, arg)
   config.num_train_steps, config.checkpoint_every_steps = 4, 2
-  final = _run(config, tmp_path)
+  final = lh.train(None, config, tmp_path, 1)
+  rows = lh.metrics(tmp_path)
+  assert rows[-1]["step"] == config.num_train_steps
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
   assert 0.0 <= final[key] <= 1.0

@@ -25,7 +25,7 @@ from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import trainer
-from test_trainer import LinearTask, _config, _train
+from test_trainer import LinearTask, _config
 
 SMOKE = "experiments/mnist_lenet.py:smoke"
 
@@ -52,7 +52,7 @@ def test_nan_at_huge_lr_leaves_a_finite_restorable_checkpoint(tmp_path):
   config.optimizer.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match=r"Stopped at step (\d+).*NaN/Inf.*the last "
                                                r"checkpoint, step (\d+) .* is finite") as e:
-    _train(config, tmp_path)
+    lh.train(LinearTask, config, tmp_path)
   bad, last = map(int, re.search(r"step (\d+).*step (\d+)", str(e.value)).groups())
   assert _steps(tmp_path) and max(_steps(tmp_path)) == last == bad - 1
   state, step = _restore_latest(config, tmp_path)  # Raises if not finite or not restorable.
@@ -77,7 +77,7 @@ def test_a_huge_finite_checkpoint_is_restored_not_moved_away(tmp_path):
   """Values whose float32 sum overflows fail the fast check; restore_latest confirms
   element by element that they are finite and keeps the checkpoint."""
   config = _config(num_train_steps=3)
-  _train(config, tmp_path)
+  lh.train(LinearTask, config, tmp_path)
   mesh = parallel.make_mesh()
   task = LinearTask(config, mesh)
   task.setup()
@@ -98,7 +98,7 @@ def test_finite_divergence_above_max_loss_stops_the_same_way(tmp_path):
   config = _config(num_train_steps=200, max_loss=1e4)
   config.optimizer.learning_rate = 30.0  # Diverges geometrically, finite for a while.
   with pytest.raises(FloatingPointError, match=r"above config.max_loss=10000.0"):
-    _train(config, tmp_path)
+    lh.train(LinearTask, config, tmp_path)
   rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
   assert all(r["train/loss"] <= 1e4 for r in rows)
 
@@ -117,7 +117,7 @@ def test_bad_config_values_are_refused_before_compiling(tmp_path, field, value, 
   config.update_from_flattened_dict({field: value} if isinstance(field, str) else
                                     dict(zip(field, value)))
   with pytest.raises(guards.ConfigError, match=message):
-    _train(config, tmp_path / "w")
+    lh.train(LinearTask, config, tmp_path / "w")
   assert not (tmp_path / "w").exists()  # Refused before the workdir, data or compilation.
 
 
@@ -129,20 +129,20 @@ def test_unknown_dataset_gets_a_did_you_mean():
 
 
 def test_config_changes_on_restart_refused_or_recorded(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   original = (tmp_path / "config.json").read_bytes()
   changed = _config(num_train_steps=5, global_batch_size=32)
   changed.optimizer.learning_rate = 0.1
   with pytest.raises(guards.ConfigError, match=r"global_batch_size: 16 -> 32; "
                                                r"optimizer.learning_rate: 0.05 -> 0.1"):
-    _train(changed, tmp_path)
+    lh.train(LinearTask, changed, tmp_path)
   with pytest.raises(guards.ConfigError, match=r"allow_schedule_change"):
-    _train(_config(num_train_steps=10), tmp_path)
+    lh.train(LinearTask, _config(num_train_steps=10), tmp_path)
   with pytest.raises(guards.ConfigError, match=r"num_train_steps above 5"):
-    _train(_config(num_train_steps=3, allow_schedule_change=True), tmp_path)
+    lh.train(LinearTask, _config(num_train_steps=3, allow_schedule_change=True), tmp_path)
   assert (tmp_path / "config.json").read_bytes() == original
   # Safe changes run, and are recorded next to the untouched config.json.
-  _train(_config(num_train_steps=10, log_every_steps=2, allow_schedule_change=True), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=10, log_every_steps=2, allow_schedule_change=True), tmp_path)
   assert (tmp_path / "config.json").read_bytes() == original
   assert json.loads((tmp_path / "config.5.json").read_text())["log_every_steps"] == 2
   steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
@@ -160,10 +160,10 @@ def _truncate_largest_file(directory: pathlib.Path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   straight, broken = tmp_path / "straight", tmp_path / "broken"
-  final = _train(_config(num_train_steps=30), straight)
-  _train(_config(num_train_steps=20), broken)
+  final = lh.train(LinearTask, _config(num_train_steps=30), straight)
+  lh.train(LinearTask, _config(num_train_steps=20), broken)
   _truncate_largest_file(broken / "checkpoints" / "20" / "state")
-  again = _train(_config(num_train_steps=30, allow_schedule_change=True), broken)
+  again = lh.train(LinearTask, _config(num_train_steps=30, allow_schedule_change=True), broken)
   assert (broken / "checkpoints" / "corrupt-20").is_dir()
   assert again == {**again, **{k: v for k, v in final.items() if k not in lh.TIMING_KEYS}}
   assert (lh.strip_timing(metrics_lib.read_jsonl(broken / "metrics.jsonl"))
@@ -179,7 +179,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   assert _steps(tmp_path) == [5] and not (tmp_path / "lock").exists()
 
 

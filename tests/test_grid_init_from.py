@@ -11,7 +11,10 @@ import pytest
 
 from experiments import imagebert_mnist
 from experiments import vqa_mnist
-from mmjax.data import pipeline
+from mmjax import losses
+from mmjax import tasks
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.interop import open_clip
 from mmjax import losses
 from mmjax.models import vit
@@ -41,7 +44,7 @@ def _source(n: int = 32) -> _Source:
 
 @pytest.fixture(name="synthetic_mnist")
 def _synthetic_mnist(monkeypatch):
-  monkeypatch.setattr(pipeline, "load_source", lambda *args, **kwargs: _source())
+  monkeypatch.setattr(sources, "load_source", lambda *args, **kwargs: _source())
 
 
 def _config(name: str, **fields):
@@ -100,8 +103,8 @@ def test_cells_are_resized_and_normalised_as_clip_task_does(synthetic_mnist):
   assert images.shape == (2, 64, 64, 3)
   for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):
     cell = grids[:, 28 * row:28 * (row + 1), 28 * col:28 * (col + 1)]
-    want = pipeline.normalize_channels(pipeline.crop_and_resize(cell, 32, channels=3),
-                                       pipeline.CLIP_MEAN, pipeline.CLIP_STD)
+    want = image.normalize(image.crop_and_resize(cell, 32, channels=3),
+                                       image.CLIP_MEAN, image.CLIP_STD)
     np.testing.assert_array_equal(images[:, 32 * row:32 * (row + 1), 32 * col:32 * (col + 1)],
                                   want)
 

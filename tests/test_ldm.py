@@ -8,7 +8,6 @@ import pytest
 import scipy.linalg
 
 import launch_helpers as lh
-from mmjax.data import captions
 from mmjax.evals import generative
 
 
@@ -38,14 +37,6 @@ def test_image_grid_puts_each_row_of_images_on_one_row():
   assert grid[0, 0, 3, 0] == int(0.1 * 255 + 0.5) and grid[0, 2, 0, 0] == int(0.3 * 255 + 0.5)
   with pytest.raises(ValueError, match="rows"):
     generative.image_grid(images, rows=4)
-
-
-def test_position_uniform_is_reproducible_and_uniform():
-  u = captions.position_uniform(np.arange(100_000), seed=3)
-  assert np.array_equal(u, captions.position_uniform(np.arange(100_000), seed=3))
-  assert not np.array_equal(u, captions.position_uniform(np.arange(100_000), seed=4))
-  assert 0.0 <= u.min() and u.max() < 1.0
-  assert np.mean(u < 0.1) == pytest.approx(0.1, abs=0.005)
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmjax.data import pipeline
 from mmjax import losses
 from mmjax import nn as mnn
 from mmjax import parallel
+from mmjax.data import sources
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
 KERNEL = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 4)), jnp.float32)
@@ -170,23 +170,23 @@ def test_softmax_cross_entropy_checks(logits, labels, match):
 
 def test_softmax_cross_entropy_out_of_range_labels_are_as_documented():
   """Traced label values are not checked: -1 reads the last class, 10 and -11 give NaN
-  (the docstring says so; `pipeline.check_labels` catches them in NumPy batches)."""
+  (the docstring says so; `sources.check_labels` catches them in NumPy batches)."""
   logits = jnp.tile(jnp.arange(10.0), (4, 1))
   ce = losses.softmax_cross_entropy(logits, jnp.array([-1, 9, 10, -11]))
   assert ce[0] == ce[1] and np.isnan(ce[2]) and np.isnan(ce[3])
 
 
 def test_check_labels():
-  pipeline.check_labels(np.array([0, 9, 3], np.uint8), 10, "mnist train")
-  pipeline.check_labels(np.zeros((0,), np.int64), 10, "empty")
-  pipeline.check_labels(np.arange(12).reshape(3, 4), 12, "grid")
+  sources.check_labels(np.array([0, 9, 3], np.uint8), 10, "mnist train")
+  sources.check_labels(np.zeros((0,), np.int64), 10, "empty")
+  sources.check_labels(np.arange(12).reshape(3, 4), 12, "grid")
   with pytest.raises(ValueError, match=r"^labels of batch 3: 2 of 4 labels are outside \[0, 10\): "
                                        r"-1, 12\. .*set the number of classes to 13 or more"
                                        r".*negative labels are not ignored"):
-    pipeline.check_labels(np.array([1, -1, 12, 2]), 10, "labels of batch 3")
+    sources.check_labels(np.array([1, -1, 12, 2]), 10, "labels of batch 3")
   with pytest.raises(ValueError, match=r"x: 1 of 2 labels .*: 10\..*number of classes to 11"):
-    pipeline.check_labels([3, 10], 10, "x")
+    sources.check_labels([3, 10], 10, "x")
   with pytest.raises(ValueError, match=r"x: labels must be integer class ids, got dtype float32"):
-    pipeline.check_labels(np.zeros(3, np.float32), 10, "x")
+    sources.check_labels(np.zeros(3, np.float32), 10, "x")
   with pytest.raises(ValueError, match="x: num_classes must be an integer >= 1"):
-    pipeline.check_labels(np.zeros(3, np.int32), 0, "x")
+    sources.check_labels(np.zeros(3, np.int32), 0, "x")

@@ -16,20 +16,20 @@ import time
 
 import pytest
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 CHILD = """
 import sys, time, types
-from mmjax.data import pipeline
+from mmjax.data import sources
 config = types.SimpleNamespace(name="kmnist", data_dir=sys.argv[1], download=True,
                                cache_decoded=True)
 start = time.monotonic()
 try:
-  pipeline.load_source(config, "test")
+  sources.load_source(config, "test")
   print("LOADED")
-except pipeline.DatasetNotFoundError as e:
+except sources.DatasetNotFoundError as e:
   print("ERROR", e)
 print("SECONDS", time.monotonic() - start)
 """
@@ -112,12 +112,12 @@ def test_a_failed_download_removes_what_it_wrote(tmp_path, monkeypatch, failure)
       (root / partial).write_text("partial")
     raise failure
 
-  monkeypatch.setattr(pipeline, "unreachable_hosts", lambda urls: {})
+  monkeypatch.setattr(sources, "unreachable_hosts", lambda urls: {})
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
-  expected = pipeline.DatasetNotFoundError if isinstance(failure, Exception) else KeyboardInterrupt
+  expected = sources.DatasetNotFoundError if isinstance(failure, Exception) else KeyboardInterrupt
   with pytest.raises(expected) as e:
-    pipeline.tfds_source("kmnist", "test", data_dir=str(data_dir))
-  if expected is pipeline.DatasetNotFoundError:
+    sources.tfds_source("kmnist", "test", data_dir=str(data_dir))
+  if expected is sources.DatasetNotFoundError:
     assert "downloading it failed (ConnectionError: network gone)" in str(e.value)
     assert str(data_dir) in str(e.value)
   assert _listing(data_dir) == before
@@ -132,10 +132,10 @@ def test_a_failed_download_into_a_new_data_dir_removes_it(tmp_path, monkeypatch)
     partial.write_text("partial")
     raise OSError("disk full")
 
-  monkeypatch.setattr(pipeline, "unreachable_hosts", lambda urls: {})
+  monkeypatch.setattr(sources, "unreachable_hosts", lambda urls: {})
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
-  with pytest.raises(pipeline.DatasetNotFoundError, match="OSError: disk full"):
-    pipeline.tfds_source("kmnist", "test", data_dir=str(tmp_path / "new"))
+  with pytest.raises(sources.DatasetNotFoundError, match="OSError: disk full"):
+    sources.tfds_source("kmnist", "test", data_dir=str(tmp_path / "new"))
   assert not (tmp_path / "new").exists()
 
 
@@ -158,14 +158,14 @@ def test_unreachable_hosts(monkeypatch):
   try:
     host = f"127.0.0.1:{server.server_address[1]}"
     # One probe per host: the first of its URLs.
-    assert pipeline.unreachable_hosts([f"http://{host}/200", f"http://{host}/503"]) == {}
-    assert pipeline.unreachable_hosts([f"http://{host}/404", "ftp://example.invalid/x"]) == {}
-    assert pipeline.unreachable_hosts([f"http://{host}/503"]) == {host: "HTTP 503"}
+    assert sources.unreachable_hosts([f"http://{host}/200", f"http://{host}/503"]) == {}
+    assert sources.unreachable_hosts([f"http://{host}/404", "ftp://example.invalid/x"]) == {}
+    assert sources.unreachable_hosts([f"http://{host}/503"]) == {host: "HTTP 503"}
   finally:
     server.shutdown()
     server.server_close()
   refused = f"127.0.0.1:{_free_port()}"
   start = time.monotonic()
-  why = pipeline.unreachable_hosts([f"http://{refused}/a", f"http://{refused}/b"], timeout=2)
+  why = sources.unreachable_hosts([f"http://{refused}/a", f"http://{refused}/b"], timeout=2)
   assert list(why) == [refused] and "ConnectionError" in why[refused]
   assert time.monotonic() - start < 10

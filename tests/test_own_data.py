@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmjax.data import make_dataset
-from mmjax.data import pipeline
+from mmjax.data import image
 
 import launch_helpers as lh
 
@@ -73,12 +73,12 @@ def test_shards_convert_and_read_with_tfds_data_source(converted):
 def test_crops_are_reproducible_and_sized():
   images = np.random.default_rng(0).integers(0, 255, (4, 40, 30, 1), dtype=np.uint8)
   positions = np.arange(4)
-  a = pipeline.crop_and_resize(images, 16, positions=positions, seed=1, min_fraction=0.5,
+  a = image.crop_and_resize(images, 16, positions=positions, seed=1, min_fraction=0.5,
                                channels=3)
-  b = pipeline.crop_and_resize(images, 16, positions=positions, seed=1, min_fraction=0.5,
+  b = image.crop_and_resize(images, 16, positions=positions, seed=1, min_fraction=0.5,
                                channels=3)
   assert a.shape == (4, 16, 16, 3) and np.array_equal(a, b)
-  centre = pipeline.crop_and_resize(images, 30)  # Evaluation: the centred 30x30, as is.
+  centre = image.crop_and_resize(images, 30)  # Evaluation: the centred 30x30, as is.
   assert np.array_equal(centre, images[:, 5:35])
 
 

@@ -15,7 +15,7 @@ import pytest
 import mmjax
 from mmjax.data import bpe
 from mmjax.data import make_dataset
-from mmjax.data import pipeline
+from mmjax.data import sources
 
 import launch_helpers as lh
 
@@ -77,8 +77,8 @@ def _without_tensorflow(monkeypatch):
 
 def test_preparing_a_dataset_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
   _without_tensorflow(monkeypatch)
-  with pytest.raises(pipeline.DatasetNotFoundError) as e:
-    pipeline.tfds_source("mnist", "test", data_dir=str(tmp_path))
+  with pytest.raises(sources.DatasetNotFoundError) as e:
+    sources.tfds_source("mnist", "test", data_dir=str(tmp_path))
   assert "pip install 'mmjax[prepare]'" in str(e.value) and "\n" not in str(e.value)
   assert not list(tmp_path.iterdir())
   with pytest.raises(ModuleNotFoundError, match=r"pip install 'mmjax\[prepare\]'"):

@@ -1,7 +1,6 @@
 """The 2-D mesh, sharded state (FSDP), resume on another mesh and gradient accumulation,
 on 8 fake CPU devices, in-process, with a tiny MLP task and the CLIP task's loss."""
 import functools
-import pathlib
 import shutil
 import tempfile
 
@@ -11,12 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import launch_helpers as lh
 from mmjax import configs
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax import parallel
 from mmjax.tasks import base
 from mmjax.tasks import clip as clip_task
-from mmjax.train import metrics as metrics_lib
 from mmjax.train import trainer
 
 
@@ -26,7 +25,7 @@ class MlpTask(base.Task):
   def setup(self):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 16)).astype(np.float32)
-    self.train_source = pipeline.ArraySource({"x": x, "y": np.sin(x @ rng.normal(size=16))
+    self.train_source = sources.ArraySource({"x": x, "y": np.sin(x @ rng.normal(size=16))
                                               .astype(np.float32)})
 
   def train_preprocess(self, batch):
@@ -54,17 +53,9 @@ def _config(**overrides):
   c.checkpoint_every_steps = 3
   c.keep_checkpoints = 5
   c.fsdp_min_size = 256  # w1 [16, 64] and w2 [64, 24] split; b1, w3, odd replicated.
-  c.optimizer.name = "adamw"
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.schedule = "constant"
+  configs.set_optimizer(c, "adamw", weight_decay=0.01, schedule="constant")
   c.update(overrides)
   return c
-
-
-def _train(config, workdir, n, mesh_shape=None):
-  mesh = parallel.make_mesh(jax.devices()[:n], mesh_shape)
-  trainer.train_and_evaluate(config, str(workdir), MlpTask(config, mesh), mesh)
-  return metrics_lib.read_jsonl(workdir / "metrics.jsonl")
 
 
 def _losses(rows):
@@ -98,13 +89,15 @@ def test_the_fsdp_rule():
 def _one_device_losses():
   """The default config's run on one device: the same for every mesh compared with it."""
   with tempfile.TemporaryDirectory() as workdir:
-    return _losses(_train(_config(), pathlib.Path(workdir), 1))
+    lh.train(MlpTask, _config(), workdir, 1)
+    return _losses(lh.metrics(workdir))
 
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 4}])
 def test_any_mesh_gives_the_losses_of_one_device(tmp_path, mesh_shape):
   one = _one_device_losses()
-  many = _losses(_train(_config(mesh=mesh_shape), tmp_path / "8", 8, mesh_shape))
+  lh.train(MlpTask, _config(mesh=mesh_shape), tmp_path, 8, mesh_shape)
+  many = _losses(lh.metrics(tmp_path))
   np.testing.assert_allclose(many, one, rtol=2e-5, atol=1e-7)
 
 
@@ -124,17 +117,20 @@ def test_fsdp_8_holds_an_eighth_of_the_big_leaves_per_device():
 
 
 def test_resume_on_another_mesh_continues_as_the_first_mesh_would(tmp_path):
-  first = _train(_config(mesh={"fsdp": 8}), tmp_path / "a", 8, {"fsdp": 8})
+  lh.train(MlpTask, _config(mesh={"fsdp": 8}), tmp_path / "a", 8, {"fsdp": 8})
+  first = lh.metrics(tmp_path / "a")
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # Resume from step 3 ...
-  resumed = _train(_config(mesh={"data": 4}), tmp_path / "b", 4, {"data": 4})  # ... on 4.
+  lh.train(MlpTask, _config(mesh={"data": 4}), tmp_path / "b", 4, {"data": 4})  # ... on 4.
+  resumed = lh.metrics(tmp_path / "b")
   assert [r["step"] for r in resumed] == list(range(1, 7))
   np.testing.assert_allclose(_losses(resumed), _losses(first), rtol=2e-5, atol=1e-7)
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
-  full = _losses(_train(_config(), tmp_path / "1", 4))
-  accum = _losses(_train(_config(grad_accum_steps=4), tmp_path / "4", 4))
+  lh.train(MlpTask, _config(), tmp_path / "1", 4)
+  lh.train(MlpTask, _config(grad_accum_steps=4), tmp_path / "4", 4)
+  full, accum = _losses(lh.metrics(tmp_path / "1")), _losses(lh.metrics(tmp_path / "4"))
   # The max error is a max over each micro-batch, averaged: not the full batch's.
   np.testing.assert_allclose(accum[:, [0, 2]], full[:, [0, 2]], rtol=2e-5, atol=1e-7)
 

@@ -10,12 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+import launch_helpers as lh
 from mmjax import configs
-from mmjax.data import pipeline
 from mmjax import evals
 from mmjax import parallel
 from mmjax import runs
 from mmjax import tasks
+from mmjax.data import batching
+from mmjax.data import sources
 from mmjax.tasks import base
 from mmjax.train import checkpoints
 from mmjax.train import metrics as metrics_lib
@@ -30,7 +32,7 @@ class LinearTask(base.Task):
 
   def setup(self):
     x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
-    self.train_source = pipeline.ArraySource({"x": x, "y": x @ TARGET})
+    self.train_source = sources.ArraySource({"x": x, "y": x @ TARGET})
 
   def train_preprocess(self, batch):
     return {"x": batch["x"], "y": batch["y"]}
@@ -58,27 +60,15 @@ class WError:
 def _config(**overrides):
   c = configs.base_config()
   c.task = "linear"
-  c.global_batch_size = 16
-  c.num_train_steps = 40
-  c.log_every_steps = 1
-  c.eval_every_steps = 20
-  c.checkpoint_every_steps = 5
+  configs.set_steps(c, batch=16, steps=40, log_every=1, eval_every=20, checkpoint_every=5)
+  configs.set_optimizer(c, "sgd", b1=0.0, learning_rate=0.05, schedule="constant")
   c.evals.w = dict(type="test_trainer:WError")
-  c.optimizer.name = "sgd"
-  c.optimizer.b1 = 0.0
-  c.optimizer.learning_rate = 0.05
-  c.optimizer.schedule = "constant"
   c.update(overrides)
   return c
 
 
-def _train(config, workdir, devices=None, task_cls=LinearTask):
-  mesh = parallel.make_mesh(devices)
-  return trainer.train_and_evaluate(config, str(workdir), task_cls(config, mesh), mesh)
-
-
 def test_loss_goes_down_and_eval_runs(tmp_path):
-  final = _train(_config(), tmp_path)
+  final = lh.train(LinearTask, _config(), tmp_path)
   rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 41))
   assert rows[-1]["train/loss"] < 0.01 * rows[0]["train/loss"]
@@ -88,7 +78,7 @@ def test_loss_goes_down_and_eval_runs(tmp_path):
 def test_each_evaluator_runs_at_its_own_cadence_and_at_the_end(tmp_path):
   config = _config(num_train_steps=30)
   config.evals.often = dict(type="test_trainer:WError", every_steps=7, scale=2.0)
-  _train(config, tmp_path)
+  lh.train(LinearTask, config, tmp_path)
   rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
   seen = lambda key: [r["step"] for r in rows if key in r]
   assert seen("eval/w_error") == [7, 14, 20, 21, 28, 30]  # Both write eval/w_error...
@@ -102,14 +92,14 @@ def test_unknown_evaluator_type_or_field_is_a_clear_error(tmp_path):
   config = _config()
   config.evals.w = dict(type="accuracy")
   with pytest.raises(ValueError, match=r"config.evals.w.type='accuracy'.*'classification'"):
-    _train(config, tmp_path)
+    lh.train(LinearTask, config, tmp_path)
   config.evals.w = dict(type="test_trainer:WError", scael=2.0)
   with pytest.raises(ValueError, match=r"config.evals.w: unknown field\(s\) \['scael'\]"):
-    _train(config, tmp_path)
+    lh.train(LinearTask, config, tmp_path)
 
 
 def test_eval_only_reproduces_the_last_evaluation(tmp_path):
-  final = _train(_config(num_train_steps=25), tmp_path)
+  final = lh.train(LinearTask, _config(num_train_steps=25), tmp_path)
   mesh = parallel.make_mesh()
   config = _config(num_train_steps=25)
   again = trainer.evaluate_only(config, str(tmp_path), LinearTask(config, mesh), mesh)
@@ -129,7 +119,7 @@ def test_frozen_leaves_are_not_updated_and_have_no_optimizer_state(tmp_path):
   for frozen in ((), ("b",)):
     config = _config(num_train_steps=10, frozen=frozen)
     config.optimizer.name = "adam"
-    _train(config, tmp_path / str(len(frozen)), jax.devices()[:1])
+    lh.train(LinearTask, config, tmp_path / str(len(frozen)), 1)
     mesh = parallel.make_mesh(jax.devices()[:1])
     task = LinearTask(config, mesh)
     task.setup()
@@ -154,13 +144,13 @@ def test_frozen_leaves_are_not_updated_and_have_no_optimizer_state(tmp_path):
 def test_a_frozen_pattern_that_matches_nothing_is_an_error(tmp_path):
   with pytest.raises(ValueError, match=r"config.frozen pattern 'vision/\.\*' matches no "
                                        r"parameter.*top level: \['b', 'w'\]"):
-    _train(_config(frozen=("vision/.*",)), tmp_path)
+    lh.train(LinearTask, _config(frozen=("vision/.*",)), tmp_path)
 
 
 def test_same_losses_on_1_and_4_devices(tmp_path):
   losses = []
   for n in (1, 4):
-    _train(_config(), tmp_path / str(n), jax.devices()[:n])
+    lh.train(LinearTask, _config(), tmp_path / str(n), n)
     losses.append([r["train/loss"] for r in metrics_lib.read_jsonl(tmp_path / str(n) / "metrics.jsonl")])
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -169,7 +159,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   config = _config(num_train_steps=200)
   config.optimizer.learning_rate = 30.0  # Diverges: |w| grows geometrically, then overflows.
   with pytest.raises(FloatingPointError, match=r"at step \d+") as e:
-    _train(config, tmp_path)
+    lh.train(LinearTask, config, tmp_path)
   bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and max(saved) < bad_step
@@ -202,16 +192,16 @@ def test_a_bad_gradient_with_a_finite_loss_stops_the_run(tmp_path, bad, name, fl
   config.optimizer.update(name=name, flatten=flatten, warmup_steps=2, grad_clip_norm=1.0)
   task_cls = type("Bad", (BadGradientTask,), {"bad": bad})
   with pytest.raises(FloatingPointError, match="at step 1"):
-    _train(config, tmp_path, jax.devices()[:1], task_cls)
+    lh.train(task_cls, config, tmp_path, 1)
 
 
 def test_batch_that_does_not_divide_the_devices_fails_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="multiple of 8"):
-    _train(_config(global_batch_size=20), tmp_path, jax.devices()[:8])
+    lh.train(LinearTask, _config(global_batch_size=20), tmp_path, 8)
 
 
 def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path, jax.devices()[:1])
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path, 1)
 
   class WiderTask(LinearTask):
     def init(self, rng):
@@ -219,12 +209,11 @@ def test_a_checkpoint_from_another_model_gets_a_clear_error(tmp_path):
       return {**params, "extra": jnp.zeros(3)}, extras
 
   with pytest.raises(ValueError, match="does not fit this config"):
-    _train(_config(num_train_steps=10, allow_schedule_change=True), tmp_path,
-           jax.devices()[:1], WiderTask)
+    lh.train(WiderTask, _config(num_train_steps=10, allow_schedule_change=True), tmp_path, 1)
 
 
 def test_load_run_reads_another_runs_parameters_and_checks_its_task(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path, jax.devices()[:1])
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path, 1)
   run = runs.load_run(str(tmp_path), task="linear")
   assert run.step == 5 and run.config["task"] == "linear"
   assert run.params["w"].shape == (4,) and run.extras == {}
@@ -250,7 +239,7 @@ def test_unknown_task_lists_every_task():
 def test_log_rows_carry_throughput_and_mfu_and_a_profile_window(tmp_path):
   config = _config(num_train_steps=8, log_every_steps=4, peak_tflops_per_device=1.0,
                    profile_steps=(3, 2))
-  _train(config, tmp_path, jax.devices()[:1])
+  lh.train(LinearTask, config, tmp_path, 1)
   rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
   last = rows[-1]
   assert last["train/examples_per_sec"] == pytest.approx(16 * last["train/steps_per_sec"])
@@ -283,7 +272,7 @@ def test_the_step_flops_are_per_device():
     task = LinearTask(config, mesh)
     task.setup()
     state, opt = trainer.create_train_state(config, task, mesh)
-    batch = next(iter(task.train_dataset(pipeline.Sharding())))
+    batch = next(iter(task.train_dataset(batching.Sharding())))
     compiled = trainer.jit_train_step(task, opt, mesh).lower(state, batch).compile()
     flops.append(throughput.step_flops(compiled))
   # The batch-proportional work splits over 4 devices; the update of the replicated
@@ -366,7 +355,7 @@ class WideTask(LinearTask):
 def test_eval_only_refuses_a_checkpoint_of_another_optimizer_layout_or_model(tmp_path):
   """A run written without config.optimizer.flatten does not evaluate with it on: the
   error says what to set, as it does for another model."""
-  _train(_config(num_train_steps=10), tmp_path / "tree")
+  lh.train(LinearTask, _config(num_train_steps=10), tmp_path / "tree")
   mesh = parallel.make_mesh()
   for other, task_cls in ((_flat_config(num_train_steps=10), LinearTask),
                           (_config(num_train_steps=10), WideTask)):

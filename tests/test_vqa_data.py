@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mmjax.data import captions
-from mmjax.data import pipeline
+from mmjax.data import batching
+from mmjax.data import sources
 from mmjax.data import tokenizer
 from mmjax.data import vqa
 
@@ -18,7 +19,7 @@ def _source(n, split_id):
   images[:, 0, 0, 0] = split_id
   images[:, 0, 1, 0] = np.arange(n) % 256
   images[:, 0, 2, 0] = np.arange(n) // 256
-  return pipeline.ArraySource({"image": images, "label": (np.arange(n) % 10).astype(np.int64)})
+  return sources.ArraySource({"image": images, "label": (np.arange(n) % 10).astype(np.int64)})
 
 
 def _cell_ids(grid):
@@ -66,7 +67,7 @@ def test_eval_grids_are_fixed_and_from_the_test_split_only():
   with pytest.raises(IndexError):
     grids.gather(np.array([40]))
   # Through the evaluation pipeline: each grid once, the last batch padded and masked.
-  ds = pipeline.eval_dataset(grids, global_batch_size=16, preprocess=lambda b: b)
+  ds = batching.eval_dataset(grids, global_batch_size=16, preprocess=lambda b: b)
   seen = [b["position"][b["mask"] > 0] for b in ds]
   np.testing.assert_array_equal(np.concatenate(seen), np.arange(40))
 

@@ -19,7 +19,7 @@ seen in training.
 """
 import numpy as np
 
-from mmjax.data import captions
+from mmjax.data import seeded
 from mmjax.data import tokenizer as tokenizer_lib
 
 GRID = 2  # Cells per side.
@@ -66,7 +66,7 @@ _MLM = 17
 def draw(keys: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
   """[batch] int keys -> [batch] ints in [0, n): a reproducible hash of (seed, stream, key)."""
   with np.errstate(over="ignore"):  # The hash multiplies modulo 2**64 on purpose.
-    return captions.template_choice(np.asarray(keys), n, seed * 1_000_003 + stream)
+    return seeded.choice(np.asarray(keys), n, seed * 1_000_003 + stream)
 
 
 def uniform(keys: np.ndarray, seed: int, stream: int) -> np.ndarray:
@@ -115,11 +115,11 @@ def split_grid(grids: np.ndarray) -> np.ndarray:
 
 def resize_cells(grids: np.ndarray, size: int, channels: int | None = None) -> np.ndarray:
   """uint8 grids [b, 2h, 2w, c] -> uint8 [b, 2 size, 2 size, channels]: each cell resized
-  on its own (pipeline.crop_and_resize: bilinear; channels=3 repeats a grey channel)."""
-  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  on its own (image.crop_and_resize: bilinear; channels=3 repeats a grey channel)."""
+  from mmjax.data import image  # pylint: disable=import-outside-toplevel
   cells = split_grid(grids)
   b, n = cells.shape[:2]
-  out = pipeline.crop_and_resize(cells.reshape(b * n, *cells.shape[2:]), size,
+  out = image.crop_and_resize(cells.reshape(b * n, *cells.shape[2:]), size,
                                  channels=channels)
   return compose_grid(out.reshape(b, n, *out.shape[1:]))
 

@@ -4,7 +4,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mmjax.data import pipeline
+from mmjax import losses
+from mmjax.data import sources
 from mmjax.evals import common
 from mmjax import losses
 from mmjax.tasks import base
@@ -21,7 +22,7 @@ class Classification:
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
-    self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
+    self.source = sources.load_source(c.dataset, split or c.dataset.eval_split)
     self._sums = jax.jit(self._batch_sums)
 
   def _batch_sums(self, params, extras, batch):

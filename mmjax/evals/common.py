@@ -3,7 +3,7 @@ from typing import Callable
 
 import jax
 
-from mmjax.data import pipeline
+from mmjax.data import batching
 from mmjax import parallel
 
 
@@ -15,9 +15,9 @@ def check_eval_batch(batch_size: int, mesh) -> int:
 
 def eval_batches(source, batch_size: int, preprocess: Callable):
   """This process's part of every global batch of `source`, once, with a `mask`."""
-  return pipeline.eval_dataset(
+  return batching.eval_dataset(
       source, global_batch_size=batch_size, preprocess=preprocess,
-      sharding=pipeline.Sharding(jax.process_index(), jax.process_count()))
+      sharding=batching.Sharding(jax.process_index(), jax.process_count()))
 
 
 def global_batches(dataset, mesh):

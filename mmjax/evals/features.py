@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.evals import common
 from mmjax import parallel
 
@@ -33,7 +33,7 @@ class ImageEmbeddings:
 
   def source(self, split: str):
     if split not in self._sources:
-      self._sources[split] = pipeline.load_source(self.task.config.dataset, split)
+      self._sources[split] = sources.load_source(self.task.config.dataset, split)
     return self._sources[split]
 
   def __call__(self, params, extras, split: str) -> tuple[np.ndarray, np.ndarray]:

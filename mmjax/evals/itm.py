@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import jax
 import optax
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.data import vqa
 from mmjax.evals import common
 from mmjax.tasks import base
@@ -23,7 +23,7 @@ class MatchingAndMasking:
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
-    self.source = vqa.GridSource(pipeline.load_source(c.dataset, c.dataset.eval_split),
+    self.source = vqa.GridSource(sources.load_source(c.dataset, c.dataset.eval_split),
                                  num_grids, seed=vqa.EVAL_GRID_SEED)
     self._sums = jax.jit(self._batch_sums)
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.evals import common
 from mmjax.evals import generative
 from mmjax.models import autoencoder as ae_lib
@@ -25,7 +25,7 @@ class Reconstruction:
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
-    self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
+    self.source = sources.load_source(c.dataset, split or c.dataset.eval_split)
     self.num_images = num_images
     self._sums = jax.jit(self._batch_sums)
     self._reconstruct = jax.jit(lambda p, e, x: task.reconstruct(p, e, x)[0])
@@ -45,7 +45,7 @@ class Reconstruction:
         functools.partial(self._sums, params, extras), dataset, self.task.mesh))
     metrics["eval/latent_rms"] = float(np.sqrt(metrics.pop("eval/latent_sq")))
     x = self.task.eval_preprocess(
-        pipeline.gather(self.source, np.arange(self.num_images)))["image"]
+        sources.gather(self.source, np.arange(self.num_images)))["image"]
     recon = self._reconstruct(jax.device_get(params), jax.device_get(extras), x)
     pair = np.concatenate([x, np.asarray(recon)]) * 0.5 + 0.5
     metrics["reconstructions"] = generative.image_grid(pair, rows=2)

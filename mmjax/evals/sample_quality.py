@@ -3,7 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax import models
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.evals import generative
 from mmjax import models
 from mmjax import parallel
@@ -46,12 +48,12 @@ class SampleQuality:
                          f"{classifier_workdir} holds {run.config['model']!r}.")
       self.judge = models.LeNet5()
       self.judge_params = jax.device_get(run.params)
-      self.judge_norm = pipeline.normalisation(run.field("dataset.name"))
+      self.judge_norm = image.normalisation(run.field("dataset.name"))
       self._classify = jax.jit(self._classify_fn,
                                out_shardings=parallel.replicated(task.mesh))
       self.test_features = self._features(
-          pipeline.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
-      train = pipeline.load_source(c.dataset, c.dataset.train_split).arrays["image"]
+          sources.load_source(c.dataset, c.dataset.eval_split).arrays["image"])
+      train = sources.load_source(c.dataset, c.dataset.train_split).arrays["image"]
       self.fld_reference = generative.frechet_distance(
           self._features(train[:len(self.labels)]), self.test_features)
 

@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.data import vqa
 from mmjax.evals import common
 from mmjax import parallel
@@ -23,7 +23,7 @@ class VqaExactMatch:
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
-    self.source = vqa.GridSource(pipeline.load_source(c.dataset, c.dataset.eval_split),
+    self.source = vqa.GridSource(sources.load_source(c.dataset, c.dataset.eval_split),
                                  num_grids, seed=vqa.EVAL_GRID_SEED)
     self._generate = jax.jit(self._generate_batch,
                              out_shardings=parallel.replicated(task.mesh))

@@ -4,7 +4,7 @@ import functools
 import jax
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.evals import common
 from mmjax.evals import retrieval
 from mmjax import parallel
@@ -26,7 +26,7 @@ class ZeroShotRetrieval:
     c = task.config
     self.task = task
     self.batch_size = common.check_eval_batch(batch_size or c.eval_batch_size, task.mesh)
-    self.source = pipeline.load_source(c.dataset, split or c.dataset.eval_split)
+    self.source = sources.load_source(c.dataset, split or c.dataset.eval_split)
     self._embed = jax.jit(self._embed_batch,
                           out_shardings=parallel.replicated(task.mesh))
 

@@ -105,14 +105,14 @@ def load_pretrained(path: str | os.PathLike, *, weights: bool = True,
   kind = detect(path)
   if kind == "open_clip":
     from mmjax.interop import open_clip  # pylint: disable=import-outside-toplevel
-    from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from mmjax.data import image  # pylint: disable=import-outside-toplevel
     kwargs = dict(quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
     if weights:
       model, params = open_clip.load(path, dtype=dtype, **kwargs)
     else:
       model, params = open_clip.model_from_file(path, **kwargs), None
     size = open_clip.read_config(path)["vision_cfg"]["image_size"]
-    mean, std = pipeline.CLIP_MEAN, pipeline.CLIP_STD
+    mean, std = image.CLIP_MEAN, image.CLIP_STD
   else:
     given = {k: v for k, v in dict(quick_gelu=quick_gelu, vision_heads=vision_heads,
                                    text_heads=text_heads).items() if v is not None}

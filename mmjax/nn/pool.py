@@ -2,7 +2,8 @@
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.conv import Padding, conv_output_size, explicit_padding, pad2d, pair, windows
+from mmjax.nn.conv import Padding, explicit_padding, pad2d
+from mmjax.nn.window import conv_output_size, pair, windows
 
 
 def _geometry(x, window, stride, padding, fn: str):

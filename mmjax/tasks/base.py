@@ -45,7 +45,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import batching
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.nn import precision
 
 def image_shape(source, key: str = "image") -> tuple[int, ...]:
@@ -93,15 +95,15 @@ class Task:
   def setup(self) -> None:
     """Expensive set-up, called once by the trainer before anything else."""
     c = self.config
-    self.train_source = pipeline.load_source(c.dataset, c.dataset.train_split)
+    self.train_source = sources.load_source(c.dataset, c.dataset.train_split)
     self.image_shape = image_shape(self.train_source)
 
-  def train_dataset(self, sharding: pipeline.Sharding):
-    return pipeline.train_dataset(
+  def train_dataset(self, sharding: batching.Sharding):
+    return batching.train_dataset(
         self.train_source, global_batch_size=self.config.global_batch_size,
         seed=self.config.seed, sharding=sharding, preprocess=self.train_preprocess)
 
-  def train_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+  def train_preprocess(self, batch: sources.Batch) -> sources.Batch:
     raise NotImplementedError(f"{type(self).__name__} must define train_preprocess or "
                               f"train_dataset.")
 
@@ -147,7 +149,7 @@ class Evaluable(Protocol):
 class Preprocessed(Evaluable, Protocol):
   """A task whose evaluator reads a split: examples -> the batch its methods take."""
 
-  def eval_preprocess(self, batch: pipeline.Batch) -> pipeline.Batch:
+  def eval_preprocess(self, batch: sources.Batch) -> sources.Batch:
     """A NumPy batch of examples (plus "position") -> the evaluation batch."""
 
 

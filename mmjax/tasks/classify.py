@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from mmjax import losses
 from mmjax import models
-from mmjax.data import pipeline
+from mmjax.data import image
+from mmjax.data import sources
 from mmjax.tasks import base
 
 MODELS = {"lenet5": models.LeNet5, "small_cnn": models.SmallCNN}
@@ -22,18 +23,18 @@ class ClassifyTask(base.Task):
     if config.model not in MODELS:
       raise ValueError(f"config.model={config.model!r}: choose one of {sorted(MODELS)}.")
     self.model = MODELS[config.model](**base.model_options(config, "classify", remat=False))
-    self._preprocess = pipeline.image_classification_preprocess(
-        *pipeline.normalisation(config.dataset.name))
+    self._preprocess = image.image_classification_preprocess(
+        *image.normalisation(config.dataset.name))
 
   def setup(self):
     super().setup()
-    classes = pipeline.num_classes(self.train_source)  # From the dataset's TFDS info.
+    classes = sources.num_classes(self.train_source)  # From the dataset's TFDS info.
     if classes is not None:
       self.model = self.model.clone(num_classes=classes)
 
   def train_preprocess(self, batch):
     """Examples -> normalised images and int32 labels, checked against the model's classes."""
-    pipeline.check_labels(batch["label"], self.model.num_classes, "classify")
+    sources.check_labels(batch["label"], self.model.num_classes, "classify")
     return self._preprocess(batch)
 
   eval_preprocess = train_preprocess

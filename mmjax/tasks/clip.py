@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import captions
-from mmjax.data import pipeline
+from mmjax.data import image as image_lib
+from mmjax.data import seeded
 from mmjax.data import templates as templates_lib
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax import losses
@@ -110,7 +111,7 @@ class ClipTask(base.Task):
     mean, std = tuple(image.get("mean") or ()), tuple(image.get("std") or ())
     if not mean or not std:
       mean, std = ((self.found.mean, self.found.std) if self.init_from
-                   else pipeline.normalisation(name))
+                   else image_lib.normalisation(name))
     self.mean, self.std = mean, std
     self.train_preprocess = functools.partial(self.preprocess, train=True)
     self.eval_preprocess = functools.partial(self.preprocess, train=False)
@@ -183,7 +184,7 @@ class ClipTask(base.Task):
     index in an evaluation split): each caption is relevant to its own image only.
     """
     size, _, channels = self.model_image_shape
-    images = pipeline.crop_and_resize(
+    images = image_lib.crop_and_resize(
         batch["image"], size, positions=batch["position"] if train else None,
         seed=self.config.seed, min_fraction=self.min_crop if train else 1.0,
         channels=channels)
@@ -193,11 +194,11 @@ class ClipTask(base.Task):
       labels = batch["position"]
     else:
       templates = self.train_templates if train else self.eval_templates
-      ids = captions.template_choice(batch["position"], len(templates), self.config.seed)
+      ids = seeded.choice(batch["position"], len(templates), self.config.seed)
       texts = [templates[t].format(self.class_names[y])
                for y, t in zip(batch["label"].tolist(), ids.tolist())]
       labels = batch["label"]
-    return {"image": pipeline.normalize_channels(images, self.mean, self.std),
+    return {"image": image_lib.normalize(images, self.mean, self.std),
             "tokens": self.tokenizer.encode(texts), "label": labels.astype(np.int32)}
 
   # Model and loss.

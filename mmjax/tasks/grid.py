@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from mmjax import runs
-from mmjax.data import pipeline
+from mmjax.data import image
 from mmjax.data import vqa
 from mmjax.models import vit
 from mmjax.models import vlm
@@ -37,7 +37,7 @@ class GridImages:
     self.init_from = config.get("init_from") or ""
     self.cell_size = 0  # The loaded tower's image size; 0: cells as stored.
     self.model_overrides = {}
-    self.mean, self.std = pipeline.normalisation(config.dataset.name)
+    self.mean, self.std = image.normalisation(config.dataset.name)
     if not self.init_from:
       return
     if config.get("clip_workdir"):
@@ -50,7 +50,7 @@ class GridImages:
     self.model_overrides = {"vision_variant": clip.image_variant,
                             "vision_options": tuple(sorted(options.items()))}
     self.cell_size = open_clip.read_config(self.init_from)["vision_cfg"]["image_size"]
-    self.mean, self.std = pipeline.CLIP_MEAN, pipeline.CLIP_STD
+    self.mean, self.std = image.CLIP_MEAN, image.CLIP_STD
 
   def grid_shape(self, cell_shape) -> tuple[int, int, int]:
     """[h, w, c] of a stored cell -> [H, W, C] of the grids the model reads."""
@@ -62,7 +62,7 @@ class GridImages:
     """uint8 grids [b, 2h, 2w, c] -> float32 [b, H, W, C] (`grid_shape`), normalised."""
     if self.cell_size:
       grids = vqa.resize_cells(grids, self.cell_size, channels=3)
-    return pipeline.normalize_channels(grids, self.mean, self.std)
+    return image.normalize(grids, self.mean, self.std)
 
   def pretrained(self, init):
     """init(rng) -> (params, extras): with init_from, init's result for the trainer's key

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import captions
-from mmjax.data import pipeline
+from mmjax.data import seeded
+from mmjax.data import sources
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax import diffusion
 from mmjax.models import autoencoder as ae_lib
@@ -117,7 +118,7 @@ class LatentDiffusionTask(base.Task):
     self.unet = UNet(**module_kwargs(c.unet), context_dim=self.text_encoder.width,
                      **unet_options)
 
-    images = pipeline.load_source(c.dataset, c.dataset.train_split)
+    images = sources.load_source(c.dataset, c.dataset.train_split)
     self.image_shape = base.image_shape(images)
     self.train_source = self._encode(images)
     self.latent_shape = self.train_source.arrays["mean"].shape[1:]
@@ -134,8 +135,8 @@ class LatentDiffusionTask(base.Task):
     self._decode = jax.jit(self._decode_fn, out_shardings=self.repl)
 
   # Data: the training split's posterior moments, computed once per run.
-  def _encode(self, images) -> pipeline.ArraySource:
-    if not isinstance(images, pipeline.ArraySource):
+  def _encode(self, images) -> sources.ArraySource:
+    if not isinstance(images, sources.ArraySource):
       raise ValueError("The diffusion stage needs config.dataset.cache_decoded = True.")
     arrays = images.arrays
     encode = jax.jit(lambda p, x: self.autoencoder.apply({"params": p}, x,
@@ -146,7 +147,7 @@ class LatentDiffusionTask(base.Task):
       mean, logvar = encode(params, jnp.asarray(to_unit_range(arrays["image"][i:i + 2000])))
       means.append(np.asarray(mean))
       logvars.append(np.asarray(logvar))
-    return pipeline.ArraySource({"mean": np.concatenate(means),
+    return sources.ArraySource({"mean": np.concatenate(means),
                                  "logvar": np.concatenate(logvars),
                                  "label": arrays["label"].astype(np.int32)})
 
@@ -161,7 +162,7 @@ class LatentDiffusionTask(base.Task):
 
   def train_preprocess(self, batch):
     texts = self.prompts(batch["label"])
-    drop = captions.position_uniform(batch["position"], self.config.seed + 1)
+    drop = seeded.uniform(batch["position"], self.config.seed + 1)
     texts = ["" if d < self.config.diffusion.cond_drop_prob else t for t, d in zip(texts, drop)]
     return {"mean": batch["mean"], "logvar": batch["logvar"],
             "tokens": self.tokenizer.encode(texts)}

@@ -68,10 +68,10 @@ def check_dataset_name(name: str, data_dir: str | None = None):
 
   A name prepared in the data directory (a dataset of one's own) is accepted too.
   """
-  from mmjax.data import pipeline  # Only resolve_data_dir: no data is read.
+  from mmjax.data import sources  # Only resolve_data_dir: no data is read.
   base = name.split(":")[0].split("/")[0]
   if base in _tfds_names() or os.path.isdir(
-      os.path.join(pipeline.resolve_data_dir(data_dir), base)):
+      os.path.join(sources.resolve_data_dir(data_dir), base)):
     return
   close = difflib.get_close_matches(base, sorted(_tfds_names()), n=3, cutoff=0.6)
   hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (

@@ -31,9 +31,9 @@ import numpy as np
 import optax
 import PIL.Image
 
-from mmjax.data import pipeline
 from mmjax import evals
 from mmjax import parallel
+from mmjax.data import batching
 from mmjax.train import checkpoints
 from mmjax.train import guards
 from mmjax.train import metrics as metrics_lib
@@ -310,7 +310,7 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   train_iter = None
   if training:  # Each process reads its own share of every global batch.
     train_iter = iter(task.train_dataset(
-        pipeline.Sharding(jax.process_index(), jax.process_count())))
+        batching.Sharding(jax.process_index(), jax.process_count())))
 
   state, opt = create_train_state(config, task, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -1,36 +1,21 @@
-"""TFDS data sources read through Grain: training and evaluation batches.
+"""Where examples come from: TFDS splits (downloaded when missing), decoded NumPy
+arrays, label checks.
 
-A split is read with `tfds.data_source` (ArrayRecord, random access). Small
-datasets (MNIST-sized) are decoded once into NumPy arrays and cached on disk, since
-decoding PNGs costs about 5 s per 60,000 images on one core; larger ones are decoded
-batch by batch inside the Grain pipeline.
-
-Batches are built the same way in training and evaluation: a Grain dataset of
-*batches of indices*, each process keeping every `process_count`-th local batch of
-`global_batch_size / process_count` indices, and one vectorised gather reads them.
-So the global batch at step s holds the same examples in the same order whatever
-the number of processes and devices, and the iterator state (one integer per
-process) is all a checkpoint needs to resume the exact data order. Training
-shuffles with one NumPy permutation per epoch, drawn from (seed, epoch): Grain's
-per-element `shuffle` costs ~15 us per example in Python, 2 ms per batch of 128,
-a quarter of LeNet-5's train step on a 2-core CPU.
+A split is read with `tfds.data_source` (ArrayRecord, random access). Small datasets
+(MNIST-sized) are decoded once into NumPy arrays (`decoded_source`) and cached on disk,
+since decoding their PNGs in every run costs seconds; larger ones are decoded batch by
+batch by the input pipeline (`gather`). mmjax/data/batching.py makes batches of either.
 """
-import dataclasses
-import functools
 import hashlib
 import importlib.util
 import logging
-import math
 import os
 import pathlib
 import shutil
-import sys
 import threading
 import time
 import urllib.parse
-from typing import Callable
 
-import grain
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -317,185 +302,3 @@ def gather(source, indices: np.ndarray) -> Batch:
     return source.gather(indices)
   examples = source.__getitems__(indices.tolist())
   return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sharding:
-  """Which part of every global batch this process reads."""
-  process_index: int = 0
-  process_count: int = 1
-
-
-def local_batch_size(global_batch_size: int, sharding: Sharding) -> int:
-  if global_batch_size % sharding.process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                     f"{sharding.process_count} processes; choose a multiple of "
-                     f"{sharding.process_count}.")
-  return global_batch_size // sharding.process_count
-
-
-def train_dataset(source, *, global_batch_size: int, seed: int,
-                  preprocess: Callable[[Batch], Batch], sharding: Sharding = Sharding(),
-                  prefetch: int = 4) -> grain.IterDataset:
-  """Endless training batches: shuffled by seed, reshuffled each epoch.
-
-  `preprocess` receives the gathered examples plus `position`, each example's place
-  in the endless stream (0, 1, 2, ... across epochs): a seed for per-example
-  randomness (caption templates, augmentation) that does not depend on how many
-  processes read the stream.
-
-  Returns an IterDataset of this process's share, `{key: [local_batch, ...]}`. Its
-  iterator has `get_state()`/`set_state()`, saved with every checkpoint.
-  """
-  local = local_batch_size(global_batch_size, sharding)
-  n = len(source)
-
-  def read(j: int) -> Batch:
-    # This process's j-th local batch is local batch k of the whole stream.
-    k = j * sharding.process_count + sharding.process_index
-    positions = k * local + np.arange(local)
-    epochs, offsets = np.divmod(positions, n)
-    indices = np.empty_like(positions)
-    for epoch in np.unique(epochs):  # One epoch, or two where a batch straddles them.
-      at = epochs == epoch
-      indices[at] = epoch_permutation(seed, int(epoch), n)[offsets[at]]
-    return preprocess({**gather(source, indices), "position": positions})
-
-  ds = grain.MapDataset.range(sys.maxsize).map(read)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of examples 0..n-1 in `epoch` of a run seeded `seed`: [n] int64."""
-  order = np.random.default_rng([seed, epoch]).permutation(n)
-  order.flags.writeable = False  # Cached and shared: never modified.
-  return order
-
-
-def eval_dataset(source, *, global_batch_size: int, preprocess: Callable[[Batch], Batch],
-                 sharding: Sharding = Sharding()) -> grain.MapDataset:
-  """The whole split exactly once, in order, in global batches of a fixed size.
-
-  `preprocess` receives the examples plus `position`, their index in the split.
-  The last global batch is padded with copies of example 0; `batch["mask"]` is
-  1.0 for real examples and 0.0 for padding, so metrics weighted by it count every
-  example once.
-  """
-  local = local_batch_size(global_batch_size, sharding)
-  n = len(source)
-  padded = math.ceil(n / global_batch_size) * global_batch_size
-
-  def read(indices: np.ndarray) -> Batch:
-    valid = indices < n
-    batch = preprocess({**gather(source, np.where(valid, indices, 0)), "position": indices})
-    batch["mask"] = valid.astype(np.float32)
-    return batch
-
-  ds = grain.MapDataset.range(padded).batch(local)
-  return ds[sharding.process_index::sharding.process_count].map(read)
-
-
-# Mean and standard deviation of the training pixels in [0, 1], per dataset.
-NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
-
-
-def normalisation(dataset_name: str) -> tuple[float, float]:
-  """(mean, std) of a dataset's pixels in [0, 1]; (0.5, 0.5) for one not listed."""
-  return NORMALISATION.get(dataset_name, (0.5, 0.5))
-
-
-def normalize_images(images: np.ndarray, mean: float, std: float) -> np.ndarray:
-  """uint8 images [b, h, w, c] -> float32 (x / 255 - mean) / std, same shape.
-
-  Computed as x · (1 / (255 std)) - mean / std in place on one new float32 array:
-  the textbook expression allocates three temporaries and took 314 us against 39 us
-  for 128 MNIST images on a 2-core CPU, time the train step loses to the input
-  thread. The two agree to float32 rounding.
-  """
-  x = images.astype(np.float32)
-  x *= np.float32(1.0 / (255.0 * std))
-  x -= np.float32(mean / std)
-  return x
-
-
-def image_classification_preprocess(mean: float, std: float) -> Callable[[Batch], Batch]:
-  """uint8 images [b, h, w, c] -> `normalize_images`; labels -> int32."""
-
-  def preprocess(batch: Batch) -> Batch:
-    return {"image": normalize_images(batch["image"], mean, std),
-            "label": batch["label"].astype(np.int32)}
-
-  return preprocess
-
-
-
-# OpenAI CLIP's pixel mean and std per RGB channel, in [0, 1]: what open_clip's
-# weights expect (open_clip's OPENAI_DATASET_MEAN / _STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize_channels(images: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 images [b, h, w, c] -> float32 (x / 255 - mean) / std; mean and std are
-  scalars or one value per channel."""
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  if mean.ndim == 0 and std.ndim == 0:
-    return normalize_images(images, float(mean), float(std))
-  x = images.astype(np.float32)
-  x *= 1.0 / (255.0 * std)
-  x -= mean / std
-  return x
-
-
-def crop_and_resize(images: np.ndarray, size: int, *, positions: np.ndarray | None = None,
-                    seed: int = 0, min_fraction: float = 1.0,
-                    channels: int | None = None) -> np.ndarray:
-  """uint8 images [b, h, w, c] -> uint8 [b, size, size, channels]: a square crop, resized.
-
-  Evaluation (`positions` None): the centred square of side min(h, w). Training: a
-  square of side min(h, w) * f, f uniform in [min_fraction, 1], at a uniform place;
-  f and the place are drawn from (seed, the example's stream position), so a resumed
-  run crops exactly as the first did. Resized with PIL's bilinear filter (antialiased);
-  a crop already `size` wide is not resampled. `channels=3` repeats a grey channel.
-  """
-  from mmjax.data import captions  # pylint: disable=import-outside-toplevel
-  b, h, w, c = images.shape
-  short = min(h, w)
-  if positions is None:
-    sides = np.full(b, short)
-    tops, lefts = np.full(b, (h - short) // 2), np.full(b, (w - short) // 2)
-  else:
-    if not 0.0 < min_fraction <= 1.0:
-      raise ValueError(f"min_fraction={min_fraction}: the smallest crop, as a fraction of "
-                       f"the shorter side, must be in (0, 1].")
-    u = [captions.position_uniform(positions, seed * 4 + k) for k in range(3)]
-    sides = np.maximum(1, np.round(short * (min_fraction + (1 - min_fraction) * u[0])))
-    sides = sides.astype(np.int64)
-    tops = np.floor(u[1] * (h - sides + 1)).astype(np.int64)
-    lefts = np.floor(u[2] * (w - sides + 1)).astype(np.int64)
-  if h == w == size and np.all(sides == size):
-    out = images  # Nothing to crop or resample (a 28x28 dataset at size 28).
-  else:
-    out = _crop_each(images, sides, tops, lefts, size)
-  if channels is not None and channels != c:
-    if c != 1:
-      raise ValueError(f"Images have {c} channels; the model takes {channels}. Only grey "
-                       f"images (1 channel) are converted (repeated to {channels}).")
-    out = np.repeat(out, channels, axis=-1)
-  return out
-
-
-def _crop_each(images, sides, tops, lefts, size: int) -> np.ndarray:
-  """Each image's square crop (side, top, left), resized to size x size with PIL."""
-  import PIL.Image  # pylint: disable=import-outside-toplevel
-  b, _, _, c = images.shape
-  out = np.empty((b, size, size, c), np.uint8)
-  for i in range(b):
-    crop = images[i, tops[i]:tops[i] + sides[i], lefts[i]:lefts[i] + sides[i]]
-    if sides[i] != size:
-      pil = PIL.Image.fromarray(crop[..., 0] if c == 1 else crop)
-      crop = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR)).reshape(size, size, c)
-    out[i] = crop
-  return out
