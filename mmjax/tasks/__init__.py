@@ -13,9 +13,17 @@ TASKS = {
 
 
 def get_task(config, mesh):
-  """The task named by `config.task`, built for `mesh` (cheap: `setup()` is not called)."""
+  """The task named by `config.task`, built for `mesh` (cheap: `setup()` is not called);
+  with `config.lora` or `config.warm_start`, wrapped as `adapted.AdaptedTask`."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: known tasks are "
                      f"{', '.join(repr(t) for t in sorted(TASKS))}.")
   module, _, name = TASKS[config.task].partition(":")
-  return getattr(importlib.import_module(module), name)(config, mesh)
+  task = getattr(importlib.import_module(module), name)(config, mesh)
+  return _adapted(task, config)
+
+
+def _adapted(task, config):
+  """`task`, wrapped for LoRA and warm starts when the config asks for them."""
+  from mmjax.tasks import adapted  # pylint: disable=import-outside-toplevel
+  return adapted.AdaptedTask(task, config) if adapted.wanted(config) else task

@@ -40,7 +40,10 @@ SAFE_TO_CHANGE = (
 # so that those runs still restart.
 ADDED_FIELDS = {"dtype": "float32", "param_dtype": "float32", "remat": "none",
                 "scan_layers": False, "model.dropout_rate": 0.0, "reuse_host_memory": True,
-                "optimizer.flatten": False}
+                "optimizer.flatten": False, "optimizer.layer_decay": 1.0, "lora.rank": 0,
+                "lora.alpha": 0.0, "lora.targets": [], "lora.dropout": 0.0,
+                "warm_start.workdir": "", "warm_start.include": [".*"],
+                "warm_start.reinit": [], "model.patch_dropout": 0.0}
 # Fields that may change only with config.allow_schedule_change=True.
 SCHEDULE_FIELDS = ("num_train_steps",)
 _CADENCES = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps")
