@@ -100,8 +100,13 @@ class AdaptedTask:
     return self.inner.batch_coupled
 
   def setup(self):
-    """The inner task's setup, then every check that needs the parameters' paths."""
+    """The inner task's setup, then `check()`."""
     self.inner.setup()
+    self.check()
+
+  def check(self):
+    """Every check that needs the parameters' paths (no compilation): patterns that
+    match nothing, ranks above a kernel's smaller side. After the inner setup."""
     abstract = jax.eval_shape(self.inner.init, jax.random.PRNGKey(0))[0]
     paths = _paths(abstract)
     if self.workdir:
