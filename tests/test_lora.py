@@ -44,7 +44,7 @@ def _batch(n=16, seed=0):
           "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_at_the_start_the_adapted_model_is_the_base_model_bit_for_bit(scan):
   config = _config()
   config.scan_layers = scan
@@ -113,6 +113,7 @@ def test_merge_then_open_clip_export_gives_the_adapted_outputs(tmp_path):
     np.testing.assert_allclose(out[k], adapted[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_fsdp_and_gradient_accumulation_give_the_one_device_losses():
   """A frozen base with adapters: 8 devices (data 4 x fsdp 2, the base's kernels split)
   with 2 micro-batches, and 1 device in one pass, from the same start."""
