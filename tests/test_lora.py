@@ -1,5 +1,7 @@
 """LoRA adapters (mmjax/lora.py) on the CLIP task through tasks.adapted: exact at the
 start, only adapters train, merge + open_clip export, FSDP and gradient accumulation."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,3 +163,17 @@ def test_lora_on_a_model_without_matching_layers_is_a_clear_error():
   task.inner.image_shape = (28, 28, 1)  # What setup() reads from the dataset.
   with pytest.raises(ValueError, match="matches no parameter; the model's kernels look like"):
     task.check()
+
+
+def test_a_run_saved_before_the_fine_tuning_fields_still_restarts(tmp_path):
+  from experiments import clip_mnist  # pylint: disable=import-outside-toplevel
+  from mmjax.train import guards  # pylint: disable=import-outside-toplevel
+  config = clip_mnist.get_config()
+  old = guards.as_json_dict(config)
+  del old["lora"], old["warm_start"], old["optimizer"]["layer_decay"]
+  del old["model"]["patch_dropout"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert guards.check_restart(config, str(tmp_path), step=5, write=False) == {}
+  config.lora.rank = 4
+  with pytest.raises(guards.ConfigError, match=r"lora.rank: 0 -> 4"):
+    guards.check_restart(config, str(tmp_path), step=5, write=False)
