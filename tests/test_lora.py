@@ -177,3 +177,35 @@ def test_a_run_saved_before_the_fine_tuning_fields_still_restarts(tmp_path):
   config.lora.rank = 4
   with pytest.raises(guards.ConfigError, match=r"lora.rank: 0 -> 4"):
     guards.check_restart(config, str(tmp_path), step=5, write=False)
+
+
+def test_adapters_fit_the_unet_and_the_vlm_without_editing_them():
+  """Shapes only (no compilation): convolutions, cross-attention and a VLM's two parts."""
+  from mmjax.models import unet, vlm  # pylint: disable=import-outside-toplevel
+  u = unet.UNet(channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                num_heads=2, groups=4, context_dim=12)
+  u_params = jax.eval_shape(u.init, jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 2)),
+                            jnp.zeros((2,)), jnp.zeros((2, 5, 12)))["params"]
+  v = vlm.VisionLanguageModel(vision_variant="mu/7", num_latents=4, width=32, depth=2,
+                              num_heads=2, mlp_dim=64, max_len=48)
+  v_params = jax.eval_shape(v.init, jax.random.PRNGKey(0), jnp.zeros((1, 56, 56, 1)),
+                            jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), bool))["params"]
+  for params, targets in ((u_params, (".*/(query|key|value|out)/kernel", ".*/conv1/kernel")),
+                          (v_params, (ATTENTION,))):
+    spec = lora.Spec(2, 4.0, targets)
+    adapted = jax.eval_shape(lambda p: lora.add_adapters(p, spec, jax.random.PRNGKey(0)), params)
+    kernels = lora.target_kernels(params, spec)
+    assert len(kernels) >= 4 and lora.count(adapted)[0] > 0
+    for path in kernels:
+      node = adapted
+      for k in path.split("/")[:-1]:
+        node = node[k]
+      lead, n_in, n_out = lora.matrix_shape(path, node["kernel"].shape)
+      assert node[lora.A].shape == (*lead, n_in, 2) and node[lora.B].shape == (*lead, 2, n_out)
+    merged = jax.eval_shape(lambda p: lora.merge(p, spec.scale), adapted)
+    assert jax.tree.map(lambda x: x.shape, merged) == jax.tree.map(lambda x: x.shape, params)
+  conv = [p for p in lora.target_kernels(u_params, lora.Spec(2, 4.0, (".*/conv1/kernel",)))][0]
+  assert lora.matrix_shape(conv, (3, 3, 16, 32)) == ((), 144, 32)  # kh·kw·in -> out.
+  assert lora.matrix_shape("a/attention/query/kernel", (32, 2, 16)) == ((), 32, 32)
+  assert lora.matrix_shape("a/attention/out/kernel", (2, 16, 32)) == ((), 32, 32)
+  assert lora.matrix_shape("enc/blocks/attention/key/kernel", (4, 32, 2, 16)) == ((4,), 32, 32)
