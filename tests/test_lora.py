@@ -63,6 +63,7 @@ def test_at_the_start_the_adapted_model_is_the_base_model_bit_for_bit(scan):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_only_the_adapters_train_and_only_they_have_optimizer_state():
   config = _config()
   mesh = sharding.make_mesh(jax.devices()[:1])
