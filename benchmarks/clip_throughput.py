@@ -9,7 +9,8 @@ Uses the CLIP task's loss and the trainer's jitted step (`trainer.create_train_s
 `trainer.jit_train_step`) on random inputs of the chosen shapes: `mnist` is the
 experiment's config (28x28x1 images, its ViT and text tower); `B/16` and `L/14` are
 CLIP ViT-B/16's and ViT-L/14's (224x224x3 images, the ViT, a 12-layer text Transformer
-over 77 tokens, 512 / 768 wide). `--dtype`, `--remat`, `--scan-layers` and `--accum` set
+over 77 tokens, 512 / 768 wide). `--patch-dropout P` drops that share of image patches
+in training (FLIP; config.model.patch_dropout). `--dtype`, `--remat`, `--scan-layers` and `--accum` set
 config.dtype, config.remat, config.scan_layers and config.grad_accum_steps; `--fsdp N`
 is config.mesh.fsdp over all devices. "bytes_per_device" is XLA's memory analysis of
 the compiled step (arguments + outputs + temporaries - donated aliases); "mfu" needs
@@ -43,6 +44,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
   parser.add_argument("--scan-layers", action="store_true", help="config.scan_layers=True")
+  parser.add_argument("--patch-dropout", type=float, default=0.0,
+                      help="config.model.patch_dropout (FLIP): share of image patches dropped")
   common.add_scale_flags(parser)
   args = parser.parse_args()
   host_malloc = common.start_host(args.cpu_devices)
@@ -57,6 +60,7 @@ def main():
   config = clip_mnist.get_config(f"loss={args.loss}")
   config.model.update(shapes["model"])
   config.scan_layers = args.scan_layers
+  config.model.patch_dropout = args.patch_dropout
   mesh = common.apply_scale_flags(config, args)
   task = clip_task.ClipTask(config, mesh)  # Its model and loss; no dataset (no setup()).
   task.model_image_shape = shapes["image_shape"]  # What setup() reads from the dataset.
@@ -86,7 +90,7 @@ def main():
   row = {
       "shapes": args.shapes, "batch": args.batch, "loss": args.loss, "dtype": args.dtype,
       "remat": args.remat, "scan_layers": args.scan_layers, "accum": args.accum, "fsdp": args.fsdp,
-      "devices": jax.device_count(), "backend": jax.default_backend(),
+      "patch_dropout": args.patch_dropout, "devices": jax.device_count(), "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "host_malloc": host_malloc,
       "params": int(n_params),
       "pairs_per_sec": round(pairs, 2), "step_ms": round(1000 * args.batch / pairs, 1),

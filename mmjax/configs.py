@@ -49,6 +49,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over parameter paths ("vision/.*"): those leaves get no update, no optimizer
   # state and no weight decay.
   c.frozen = ()
+  # Fine-tuning (mmjax/tasks/adapted.py, docs/lora.md). lora: low-rank adapters beside
+  # the kernels whose paths match `targets` (regexes), scaled by alpha / rank (alpha 0:
+  # rank); only they train; rank 0 is off. warm_start: parameters matching `include`
+  # start from the latest checkpoint of the run in `workdir`; those matching `reinit`
+  # start from the random initialisation even when loaded.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=(), dropout=0.0))
+  c.warm_start = ml_collections.ConfigDict(dict(workdir="", include=(".*",), reinit=()))
   # The device mesh: data x fsdp devices (-1: the rest). The batch splits over both;
   # parameters and optimizer state of at least fsdp_min_size elements split along fsdp
   # (mmjax/parallel.py). grad_accum_steps micro-batches make one update.
@@ -87,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 0.0
+  # Layer-wise learning-rate decay: each Transformer block's rate times
+  # layer_decay ** (depth - layer), embeddings lowest; 1.0 is off (mmjax/train/optim.py).
+  c.optimizer.layer_decay = 1.0
   # Clipping and moments over one flat vector of all trained parameters: faster on a
   # CPU for models of many small leaves; not with mesh.fsdp > 1 (mmjax/train/optim.py).
   c.optimizer.flatten = False

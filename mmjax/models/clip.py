@@ -42,7 +42,8 @@ class CLIP(nn.Module):
   and normalised in float32, and `logit_scale` / `logit_bias` are float32 parameters
   whatever `param_dtype` is, so the contrastive logits and losses are float32.
   `dropout_rate`, `remat` and `scan_layers` go to both towers (see vit.ViT); call with
-  `deterministic=False` and the "dropout" rng to train with dropout.
+  `deterministic=False` and the "dropout" rng to train with dropout; `patch_dropout`
+  (FLIP) goes to the image tower and acts there in training only.
   """
   image_variant: str = "mu/4"
   image_pool: str = "tok"
@@ -69,6 +70,11 @@ class CLIP(nn.Module):
   text_proj_bias: bool = False
   image_projection: bool = True
   clamp_logit_scale: bool = True  # exp(logit_scale) at most 100.
+  patch_dropout: float = 0.0  # Share of image patches dropped in training (vit.ViT).
+
+  def __post_init__(self):
+    super().__post_init__()
+    vit.check_patch_dropout(self.patch_dropout)
 
   def setup(self):
     openai = self.openai_layout
@@ -79,7 +85,7 @@ class CLIP(nn.Module):
     layout = vit.openai_options(self.activation) if openai else {}
     layout.update(layernorm_epsilon=eps)
     self.image_tower = vit.ViT(self.image_variant, pool=self.image_pool, dims=self.image_dims,
-                               **{**shared, **layout})
+                               patch_dropout=self.patch_dropout, **{**shared, **layout})
     self.text_tower = TextTransformer(self.text_width, self.text_depth, self.text_heads,
                                       self.text_mlp_dim, vocab_size=self.text_vocab_size,
                                       max_len=self.max_text_len,

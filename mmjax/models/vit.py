@@ -55,7 +55,9 @@ class ViT(nn.Module):
   Precision and memory (see mmjax.nn.precision and transformer.Encoder): the ViT
   computes in `dtype` with parameters in `param_dtype` and returns float32;
   `dropout_rate` drops attention weights and residual branches when called with
-  `deterministic=False` (the "dropout" rng); `remat` recomputes each block in the
+  `deterministic=False` (the "dropout" rng), and so does `patch_dropout` (FLIP:
+  each example keeps a random share 1 - patch_dropout of its patch tokens, the class
+  token always; see `drop_patches`); `remat` recomputes each block in the
   backward pass; `scan_layers=True` scans one stacked block (the parameters are then
   "encoder/blocks/..." with a leading [depth] axis, a layout that does not load into
   the unscanned model, nor an open_clip file into it).
@@ -74,6 +76,11 @@ class ViT(nn.Module):
   scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  patch_dropout: float = 0.0  # Share of patch tokens dropped in training: drop_patches.
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_patch_dropout(self.patch_dropout)
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -104,6 +111,8 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, v["width"])), x], axis=1)
     if self.class_pos_embedding:
       x = x + pos
+    if self.patch_dropout and not deterministic:  # FLIP: fewer tokens in training.
+      x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"), int(class_token))
     if self.ln_pre:
       x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln_pre", **types)(x)
     x = transformer.Encoder(v["depth"], v["num_heads"], v["mlp_dim"], self.activation,
@@ -146,6 +155,28 @@ class MAPHead(nn.Module):
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="ln", **types)(x)
     x = x + transformer.MlpBlock(self.mlp_dim, self.activation, name="mlp", **types)(y)
     return x[:, 0]
+
+
+def check_patch_dropout(rate) -> None:
+  """Raises ValueError unless 0 <= rate < 1."""
+  if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(f"patch_dropout={rate!r} (config.model.patch_dropout): the share of "
+                     f"patch tokens dropped in training must be in [0, 1).")
+
+
+def drop_patches(x: jax.Array, rate: float, rng: jax.Array, keep_first: int = 0) -> jax.Array:
+  """FLIP's patch dropout: [b, n, w] -> [b, keep_first + k, w].
+
+  Keeps the first `keep_first` tokens (a class token) and, per example, a random
+  k = max(1, int((n - keep_first) * (1 - rate))) of the others, in their order.
+  """
+  b, n, _ = x.shape
+  m = n - keep_first
+  k = max(1, int(m * (1.0 - rate)))
+  scores = jax.random.uniform(rng, (b, m))
+  idx = jnp.sort(jax.lax.top_k(scores, k)[1], axis=1) + keep_first  # [b, k]
+  kept = jnp.take_along_axis(x, idx[..., None], axis=1)
+  return jnp.concatenate([x[:, :keep_first], kept], axis=1)
 
 
 # ViT options a model with a ViT inside (VLM, ImageBERT) passes through (`vision_options`).

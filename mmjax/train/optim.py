@@ -8,6 +8,8 @@ import ml_collections
 import optax
 from jax import flatten_util
 
+from mmjax import lora
+
 
 class Optimizer(NamedTuple):
   """What the train step needs of the optimizer."""
@@ -56,7 +58,8 @@ def frozen_mask(params, patterns) -> object:
   Patterns are regular expressions over "/"-joined paths ("vision/.*",
   "text_tower/encoder/block0/.*"). A pattern that matches nothing is an error: a typo
   must not leave a tower silently trained, and patterns that freeze every leaf leave
-  nothing to train: both raise ValueError.
+  nothing to train: both raise ValueError. A tree with LoRA adapters (mmjax/lora.py)
+  trains only them: every other leaf is frozen too.
   """
   patterns = tuple(patterns or ())
   paths = parameter_paths(params)
@@ -65,7 +68,9 @@ def frozen_mask(params, patterns) -> object:
       tops = sorted({path.split("/")[0] for path in paths})
       raise ValueError(f"config.frozen pattern {p!r} matches no parameter; parameter paths "
                        f"look like {paths[0]!r} (top level: {tops}).")
-  flags = [any(re.fullmatch(p, path) for p in patterns) for path in paths]
+  adapted = any(lora.is_adapter(path) for path in paths)
+  flags = [any(re.fullmatch(p, path) for p in patterns) or (adapted and not lora.is_adapter(path))
+           for path in paths]
   if flags and all(flags):
     raise ValueError(f"config.frozen={patterns!r} freezes all {len(paths)} parameters: "
                      f"nothing is left to train. Narrow the patterns so that some train "
@@ -89,6 +94,9 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
   `weight_decay_mask(params) -> bools` picks what AdamW decays. `frozen`, a pytree of
   bools like the parameters (see `frozen_mask`), marks leaves that get no update, no
   optimizer state (no Adam moments) and no weight decay; clipping ignores them.
+
+  `c.layer_decay` (1.0: off) scales each leaf's learning rate by
+  layer_decay ** `layer_decay_exponents` (`frozen` gives the tree's paths).
   """
   if c.name not in ("adam", "adamw", "sgd"):
     raise ValueError(f"config.optimizer.name={c.name!r}: use 'adam', 'adamw' or 'sgd'.")
@@ -102,6 +110,9 @@ def make_optimizer(c: ml_collections.ConfigDict, num_train_steps: int,
                      mask=weight_decay_mask)
   else:
     tx = optax.sgd(schedule, momentum=c.b1)
+  decay = c.get("layer_decay")
+  if decay is not None and decay != 1.0:
+    return _layer_decay_optimizer(c, schedule, weight_decay_mask, frozen), schedule
   if c.get("grad_clip_norm") and not c.get("flatten"):
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
   if frozen is not None and any(jax.tree.leaves(frozen)):
@@ -120,3 +131,73 @@ def _flat_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
            if c.name == "adamw" else [])
   return optax.chain(optax.flatten(optax.chain(*clip, moments)), *decay,
                      optax.scale_by_learning_rate(schedule))
+
+
+_BLOCK = re.compile(r"(.*/)?encoder/block(\d+)/")
+
+
+def layer_decay_exponents(params) -> object:
+  """Pytree of ints like `params`: each leaf's exponent of `layer_decay`.
+
+  A Transformer tower is what holds "encoder/block<i>/..." (ViT, text, CLIP's towers,
+  each with its own depth). Within a tower of depth D, as BEiT numbers layers
+  (embeddings 0, block i is i + 1, what follows D + 1), the exponent is
+  (D + 1) - layer: its embeddings, patch embedding and `ln_pre` D + 1, block i D - i,
+  its final LayerNorm 0; leaves outside every tower (projections, logit scale) 0.
+  LoRA adapters sit in their kernel's module and count as its layer. Raises ValueError
+  for a scanned encoder ("encoder/blocks/", one leaf for every layer) or a tree
+  without Transformer blocks.
+  """
+  paths = parameter_paths(params)
+  if any("encoder/blocks/" in p for p in paths):
+    raise ValueError("config.optimizer.layer_decay needs one leaf per layer: set "
+                     "config.scan_layers=False (a scanned encoder stacks every block).")
+  depth = {}
+  for p in paths:
+    m = _BLOCK.match(p)
+    if m:
+      tower = m.group(1) or ""
+      depth[tower] = max(depth.get(tower, 0), int(m.group(2)) + 1)
+  if not depth:
+    raise ValueError("config.optimizer.layer_decay: the model has no Transformer blocks "
+                     "(parameters 'encoder/block<i>/...') to decay; set it to 1.0.")
+
+  def exponent(path):
+    m = _BLOCK.match(path)
+    if m:
+      return depth[m.group(1) or ""] - int(m.group(2))
+    for tower, d in depth.items():
+      if path.startswith(tower) and not path.startswith(tower + "encoder/"):
+        return d + 1  # Before the blocks: embeddings, ln_pre.
+    return 0
+
+  return jax.tree.unflatten(jax.tree.structure(params), [exponent(p) for p in paths])
+
+
+def _layer_decay_optimizer(c, schedule, weight_decay_mask, frozen):
+  """`c.name`'s update with each leaf's learning rate scaled by c.layer_decay **
+  exponent: an optax.multi_transform over one group per exponent (and the frozen
+  leaves' set_to_zero), after clipping by the trained leaves' global norm."""
+  if frozen is None:
+    raise ValueError("config.optimizer.layer_decay needs the parameter tree (pass frozen=).")
+  if c.get("flatten"):
+    raise ValueError("config.optimizer.layer_decay scales the rate per leaf: set "
+                     "config.optimizer.flatten=False.")
+  exponents = layer_decay_exponents(frozen)
+  labels = jax.tree.map(lambda f, e: "frozen" if f else f"decay^{e}", frozen, exponents)
+  groups = {"frozen": optax.set_to_zero()}
+  for e in sorted({e for e, f in zip(jax.tree.leaves(exponents), jax.tree.leaves(frozen))
+                   if not f}):
+    lr = lambda step, f=c.layer_decay ** e: schedule(step) * f
+    if c.name == "adam":
+      groups[f"decay^{e}"] = optax.adam(lr, b1=c.b1, b2=c.b2)
+    elif c.name == "adamw":
+      groups[f"decay^{e}"] = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay,
+                                         mask=weight_decay_mask)
+    else:
+      groups[f"decay^{e}"] = optax.sgd(lr, momentum=c.b1)
+  tx = optax.multi_transform(groups, labels)
+  if c.get("grad_clip_norm"):
+    trained = jax.tree.map(lambda f: not f, frozen)
+    tx = optax.chain(optax.masked(optax.clip_by_global_norm(c.grad_clip_norm), trained), tx)
+  return tx
