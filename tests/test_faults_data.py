@@ -155,6 +155,21 @@ def test_a_deleted_split_file_is_one_line_naming_it(tmp_path):
   assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow  # A launch.py process (tens of seconds); the same error in-process above.
+def test_a_deleted_split_file_through_launch_is_one_line(tmp_path):
+  """The copy holds the test split only: the train split's file is the one missing."""
+  import launch_helpers as lh  # pylint: disable=import-outside-toplevel
+  version = _copy_mnist(tmp_path)
+  proc = lh.run("experiments/clip_mnist.py:smoke", tmp_path / "w",
+                f"dataset.data_dir={tmp_path / 'tfds'}", check=False, timeout=180,
+                env={"MMJAX_CACHE_DIR": str(tmp_path / "cache")})
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+  assert last.startswith("error: Dataset 'mnist': the file ") and "Traceback" not in proc.stderr
+  assert str(version / "mnist-train.array_record-00000-of-00001") in last
+  assert not lh.checkpoint_steps(tmp_path / "w") and not (tmp_path / "cache").exists()
+
+
 def _flip(path: pathlib.Path, at: int, n: int = 16):
   data = bytearray(path.read_bytes())
   for i in range(at, at + n):

@@ -495,8 +495,8 @@ def _read(source, indices: np.ndarray) -> list[dict]:
     return source.__getitems__(indices.tolist())
   except RuntimeError as e:
     info = getattr(source, "dataset_info", None)
-    where = f"{info.name!r} in {info.data_dir}" if info is not None else "a dataset"
-    raise DamagedDatasetError(f"Reading dataset {where} failed: {_short(e)}. "
+    where = f"dataset {info.name!r} in {info.data_dir}" if info is not None else "a dataset"
+    raise DamagedDatasetError(f"Reading {where} failed: {_short(e)}. "
                               f"{_HOW_TO_RESTORE}") from e
 
 
