@@ -5,6 +5,8 @@ A split is read with `tfds.data_source` (ArrayRecord, random access). Small data
 (MNIST-sized) are decoded once into NumPy arrays (`decoded_source`) and cached on disk,
 since decoding their PNGs in every run costs seconds; larger ones are decoded batch by
 batch by the input pipeline (`gather`). mmjax/data/batching.py makes batches of either.
+A prepared dataset's metadata is read by mmjax before TFDS reads it (`check_prepared`);
+files that are missing or damaged are one-line errors naming them.
 """
 import hashlib
 import importlib.util
@@ -56,10 +58,16 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
   the error comes at once instead of after TFDS's minutes of retries. A download that
   fails leaves nothing behind in the data directory (`_remove_new_paths`).
 
+  The prepared files are checked first (`check_prepared`: feature classes, mmjax's
+  manifest) and the split's files must all be there; records that do not read
+  (ArrayRecord's chunk hashes) raise DamagedDatasetError when read (`gather`).
+
   Raises:
     DatasetNotFoundError: the dataset is not prepared in the data directory and
-      `download` is False or the download failed. The message names the directory
-      searched and how to provide the data.
+      `download` is False or the download failed, or a file of the split is missing.
+      The message names the directory searched (or the file) and how to provide it.
+    DamagedDatasetError: the metadata names a feature class that is not TFDS's, or a
+      file differs from mmjax's manifest.
   """
   import tensorflow_datasets as tfds  # Imported here: TFDS is slow to import.
 
