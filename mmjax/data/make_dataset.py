@@ -34,7 +34,9 @@ object, a path outside the folder, an image that is missing or does not decode, 
 empty caption, an image without a caption or a caption without an image in a shard, a
 shard that does not read. An image listed twice keeps both captions (keys
 "<path>#2", ...; both in the same split). The counts, with up to 10 keys per reason,
-are written to `<output_dir>/<name>/conversion_report.json`. An existing dataset
+are written to `<output_dir>/<name>/conversion_report.json`, the files' sizes and the
+metadata's SHA-256 to `<output_dir>/<name>/1.0.0/mmjax_files.json` (checked whenever
+mmjax reads the dataset, `sources.check_prepared`). An existing dataset
 `<name>` is refused, or replaced with `--overwrite` once the new one is complete.
 Writing needs TensorFlow (TFDS encodes the images with it); reading does not. The
 resized images are held in memory while converting: about n * size**2 * 3 bytes.
@@ -55,6 +57,8 @@ import tarfile
 import tempfile
 
 import numpy as np
+
+from mmjax.data import sources
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 VERSION = "1.0.0"
@@ -359,6 +363,8 @@ def convert(inputs: str, output_dir: str, name: str, *, val_fraction: float = 0.
     with open(os.path.join(staging, name, "conversion_report.json"), "w",
               encoding="utf-8") as f:
       json.dump(report, f, indent=2)
+    # The files' sizes and the metadata's SHA-256, checked whenever mmjax reads them.
+    sources.write_manifest(os.path.join(staging, name, VERSION))
     if os.path.lexists(final):
       os.rename(final, os.path.join(staging, "previous"))
     os.rename(os.path.join(staging, name), final)

@@ -5,16 +5,21 @@ A split is read with `tfds.data_source` (ArrayRecord, random access). Small data
 (MNIST-sized) are decoded once into NumPy arrays (`decoded_source`) and cached on disk,
 since decoding their PNGs in every run costs seconds; larger ones are decoded batch by
 batch by the input pipeline (`gather`). mmjax/data/batching.py makes batches of either.
+A prepared dataset's metadata is read by mmjax before TFDS reads it (`check_prepared`);
+files that are missing or damaged are one-line errors naming them.
 """
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import threading
 import time
 import urllib.parse
+import zlib
 
 import numpy as np
 
@@ -25,6 +30,17 @@ _CACHE_ENV = "MMJAX_CACHE_DIR"
 
 class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not prepared where mmjax looked, and could not be downloaded."""
+
+
+class DamagedDatasetError(ValueError):
+  """A prepared dataset's files are damaged, or name code mmjax does not run."""
+
+
+# Written by mmjax.data.make_dataset beside a dataset's files: their sizes and the
+# SHA-256 of its metadata; `check_prepared` verifies them before TFDS reads any.
+MANIFEST = "mmjax_files.json"
+# The feature classes a prepared dataset may name (TFDS imports the module it names).
+_FEATURE_CLASS = re.compile(r"tensorflow_datasets\.core\.features(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
@@ -42,10 +58,16 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
   the error comes at once instead of after TFDS's minutes of retries. A download that
   fails leaves nothing behind in the data directory (`_remove_new_paths`).
 
+  The prepared files are checked first (`check_prepared`: feature classes, mmjax's
+  manifest) and the split's files must all be there; records that do not read
+  (ArrayRecord's chunk hashes) raise DamagedDatasetError when read (`gather`).
+
   Raises:
     DatasetNotFoundError: the dataset is not prepared in the data directory and
-      `download` is False or the download failed. The message names the directory
-      searched and how to provide the data.
+      `download` is False or the download failed, or a file of the split is missing.
+      The message names the directory searched (or the file) and how to provide it.
+    DamagedDatasetError: the metadata names a feature class that is not TFDS's, or a
+      file differs from mmjax's manifest.
   """
   import tensorflow_datasets as tfds  # Imported here: TFDS is slow to import.
 
@@ -55,6 +77,7 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
          f"once on a machine with internet: python -c \"import tensorflow_datasets as tfds; "
          f"tfds.builder('{name}', data_dir='{data_dir}', file_format='array_record')"
          f".download_and_prepare()\"")
+  check_prepared(data_dir, name)
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # An unknown name, for one.
@@ -82,12 +105,134 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, download: bo
       raise DatasetNotFoundError(
           f"{missing} and downloading it failed ({type(e).__name__}: {_short(e)}). "
           f"{how}") from e
+  _check_split_files(builder, name, split)
   try:
     return builder.as_data_source(split=split)
   except Exception as e:
     raise DatasetNotFoundError(
         f"Dataset {name!r} in {builder.data_dir} has no split {split!r} readable as "
         f"ArrayRecord: {e}") from e
+
+
+_HOW_TO_RESTORE = ("Restore the dataset's directory from a copy, or prepare it again (delete "
+                   "it, then rerun with download allowed, or rerun mmjax.data.make_dataset "
+                   "with --overwrite).")
+
+
+def _check_split_files(builder, name: str, split: str) -> None:
+  """DatasetNotFoundError naming the first file of `split` that is missing: TFDS would
+  open the split and fail at the first read."""
+  for base in {re.sub(r"\[.*?\]", "", part).strip() for part in split.split("+")}:
+    try:
+      paths = list(builder.info.splits[base].filepaths)
+    except Exception:  # pylint: disable=broad-except  # No file list: TFDS decides.
+      paths = []
+    for path in paths:
+      if "://" not in os.fspath(path) and not os.path.isfile(os.fspath(path)):
+        raise DatasetNotFoundError(
+            f"Dataset {name!r}: the file {path} of split {base!r} is missing. "
+            f"{_HOW_TO_RESTORE}")
+
+
+def _json_file(path: pathlib.Path):
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included.
+    raise DamagedDatasetError(f"{path} does not read as JSON ({_short(e, 200)}). "
+                              f"{_HOW_TO_RESTORE}") from None
+
+
+def _class_names(value):
+  """Yields the feature class names in a features.json / dataset_info.json value."""
+  if isinstance(value, dict):
+    for key, item in value.items():
+      if key == "pythonClassName" or (key == "type" and "content" in value):
+        yield item
+      yield from _class_names(item)
+  elif isinstance(value, list):
+    for item in value:
+      yield from _class_names(item)
+
+
+def check_prepared(data_dir: str, name: str) -> None:
+  """Checks a prepared dataset's metadata before TFDS reads it.
+
+  In every `<data_dir>/<name>/[<config>/]<version>/`: the feature classes named by
+  features.json and dataset_info.json must be TFDS's own
+  (`tensorflow_datasets.core.features.*`; TFDS imports the module a name gives); where
+  mmjax wrote a manifest (MANIFEST, by make_dataset), every file it lists must be there
+  with its size, and the metadata with its SHA-256. The records themselves carry
+  ArrayRecord's chunk hashes, checked as they are read (`gather`).
+
+  Raises:
+    DamagedDatasetError: a class from elsewhere, metadata that is not JSON, or a file
+      that differs from the manifest; one line naming the file.
+    DatasetNotFoundError: a file listed in the manifest is missing.
+  """
+  if "://" in data_dir:
+    return
+  root = pathlib.Path(data_dir) / name.partition(":")[0]
+  if not root.is_dir():
+    return
+  for directory in [p.parent for p in root.glob("*/dataset_info.json")] + \
+      [p.parent for p in root.glob("*/*/dataset_info.json")]:
+    for meta in ("features.json", "dataset_info.json"):
+      if (directory / meta).is_file():
+        for cls in _class_names(_json_file(directory / meta)):
+          if not isinstance(cls, str) or not _FEATURE_CLASS.fullmatch(cls):
+            raise DamagedDatasetError(
+                f"{directory / meta} names the feature class {str(cls)[:200]!r}; mmjax "
+                f"reads only TFDS's own (tensorflow_datasets.core.features.*) and imports "
+                f"no other module a dataset names. Prepare the dataset again with TFDS or "
+                f"mmjax.data.make_dataset.")
+    if (directory / MANIFEST).is_file():
+      _check_manifest(directory)
+
+
+def file_manifest(directory: str) -> dict:
+  """{"files": {name: {"size": bytes[, "sha256": hex]}}} of the files in `directory`
+  (the SHA-256 of .json files: the metadata TFDS trusts)."""
+  files = {}
+  for path in sorted(pathlib.Path(directory).iterdir()):
+    if path.is_file() and path.name != MANIFEST:
+      entry = {"size": path.stat().st_size}
+      if path.suffix == ".json":
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+      files[path.name] = entry
+  return {"files": files}
+
+
+def write_manifest(directory: str) -> None:
+  """Writes `file_manifest(directory)` to `<directory>/MANIFEST` (temp file + rename)."""
+  path = os.path.join(directory, MANIFEST)
+  manifest = file_manifest(directory)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _check_manifest(directory: pathlib.Path) -> None:
+  manifest = _json_file(directory / MANIFEST)
+  files = manifest.get("files") if isinstance(manifest, dict) else None
+  if not isinstance(files, dict):
+    raise DamagedDatasetError(f"{directory / MANIFEST} is not a file list. {_HOW_TO_RESTORE}")
+  for file_name, want in files.items():
+    path = directory / file_name
+    if not isinstance(want, dict) or "/" in file_name or file_name.startswith("."):
+      raise DamagedDatasetError(f"{directory / MANIFEST}: bad entry {file_name!r}. "
+                                f"{_HOW_TO_RESTORE}")
+    if not path.is_file():
+      raise DatasetNotFoundError(f"{path} is missing (listed in {MANIFEST}). "
+                                 f"{_HOW_TO_RESTORE}")
+    size = path.stat().st_size
+    if size != want.get("size"):
+      raise DamagedDatasetError(f"{path} has {size} bytes, {want.get('size')} when it was "
+                                f"written: it is damaged or was replaced. {_HOW_TO_RESTORE}")
+    if "sha256" in want and hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:
+      raise DamagedDatasetError(f"{path} differs from what was written (SHA-256 mismatch): "
+                                f"it is damaged or was edited. {_HOW_TO_RESTORE}")
 
 
 # Seconds a download host may take to answer (connection and response headers).
@@ -248,28 +393,119 @@ def decoded_source(name: str, split: str, data_dir: str | None = None,
 
   The cache lives in `cache_dir`, else $MMJAX_CACHE_DIR, else ~/.cache/mmjax, keyed
   by dataset, version, split and the prepared files themselves (`_fingerprint`), so
-  two copies of a dataset never share an entry; it is written to a temporary file
-  and renamed, so a reader never sees half of one.
+  two copies of a dataset never share an entry. It is written to a temporary file and
+  renamed, with a header (`_CACHE_META`: number of examples, and each array's shape,
+  dtype and CRC-32) that is checked when it is read: one that is damaged, cut short or
+  of another shape is decoded again and replaced, with a warning. A cache directory
+  that cannot be read or written (read-only, no permission, full) is not fatal: the
+  split is decoded in memory and one warning names the directory and the fix.
   """
   source = tfds_source(name, split, data_dir, download)
   version = str(source.dataset_info.version)
   root = pathlib.Path(cache_dir or os.environ.get(_CACHE_ENV) or "~/.cache/mmjax").expanduser()
   path = (root / "decoded" / name / version / _fingerprint(source.dataset_info.data_dir)
           / f"{split}.npz")
-  if path.exists():
-    with np.load(path) as f:
-      return ArraySource({k: f[k] for k in f.files}, source.dataset_info)
+  try:
+    found = path.is_file()
+  except OSError as e:  # A directory on the way that cannot be searched.
+    found = False
+    _cache_warning(root, e)
+    root = None
+  if found:
+    try:
+      return ArraySource(_read_cache(path, len(source)), source.dataset_info)
+    except OSError as e:
+      _cache_warning(root, e)
+      root = None
+    except _DamagedCache as e:
+      logging.warning("The decoded cache %s is damaged (%s): decoding %s/%s again.",
+                      path, e, name, split)
   logging.info("Decoding %s/%s (%d examples) into %s", name, split, len(source), path)
-  examples = source.__getitems__(range(len(source)))
+  examples = _read(source, np.arange(len(source)))
   arrays = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+  if root is not None:  # None: unusable, said once.
+    try:
+      _write_cache(path, arrays)
+    except OSError as e:  # EROFS, EACCES, ENOSPC, ...: the cache is only a speed-up.
+      _cache_warning(root, e)
+  return ArraySource(arrays, source.dataset_info)
+
+
+# The .npz entry holding the cache's header: JSON {"examples": n, "arrays": {key:
+# {"shape", "dtype", "crc32"}}} as uint8.
+_CACHE_META = "__mmjax_cache__"
+
+
+class _DamagedCache(Exception):
+  pass
+
+
+def _cache_warning(root: pathlib.Path, e: OSError) -> None:
+  logging.warning("Not using the decoded cache in %s (%s: %s): decoding in memory, which "
+                  "costs time in every run. Make it writable, or set $%s to a writable "
+                  "directory.", root, type(e).__name__, e.strerror or e, _CACHE_ENV)
+
+
+def _crc32(array: np.ndarray) -> int:
+  return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+
+
+def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Writes `arrays` and their header to `path`: a temporary file, then a rename."""
+  meta = {"examples": len(next(iter(arrays.values()))),
+          "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str, "crc32": _crc32(v)}
+                     for k, v in arrays.items()}}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
   try:
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays, **{_CACHE_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)  # Gone after the rename; else half written.
-  return ArraySource(arrays, source.dataset_info)
+
+
+def _read_cache(path: pathlib.Path, examples: int) -> dict[str, np.ndarray]:
+  """The arrays of a cache file, checked against its header and the split's length.
+
+  Raises:
+    _DamagedCache: the file is not a complete cache of `examples` examples as written.
+    OSError: it cannot be read (permissions).
+  """
+  import zipfile  # pylint: disable=import-outside-toplevel
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if _CACHE_META not in f.files:
+        raise _DamagedCache("no header")
+      meta = json.loads(f[_CACHE_META].tobytes().decode())
+      want = meta["arrays"]
+      if meta["examples"] != examples:
+        raise _DamagedCache(f"{meta['examples']} examples, the split has {examples}")
+      if set(want) != set(f.files) - {_CACHE_META}:
+        raise _DamagedCache(f"arrays {sorted(set(f.files) - {_CACHE_META})}, header "
+                            f"{sorted(want)}")
+      arrays = {k: f[k] for k in want}
+  except (zipfile.BadZipFile, EOFError, ValueError, KeyError, TypeError) as e:
+    raise _DamagedCache(f"{type(e).__name__}: {_short(e, 200)}") from None
+  for k, v in arrays.items():
+    w = want[k]
+    if list(v.shape) != w["shape"] or v.dtype.str != w["dtype"] or v.shape[:1] != (examples,):
+      raise _DamagedCache(f"{k!r} is {v.dtype.str}{list(v.shape)}, written as "
+                          f"{w['dtype']}{w['shape']}")
+    if _crc32(v) != w["crc32"]:
+      raise _DamagedCache(f"{k!r} fails its CRC-32")
+  return arrays
+
+
+def _read(source, indices: np.ndarray) -> list[dict]:
+  """`source.__getitems__(indices)`, with a damaged or missing record file a one-line
+  DamagedDatasetError (ArrayRecord raises RuntimeError) naming the dataset."""
+  try:
+    return source.__getitems__(indices.tolist())
+  except RuntimeError as e:
+    info = getattr(source, "dataset_info", None)
+    where = f"dataset {info.name!r} in {info.data_dir}" if info is not None else "a dataset"
+    raise DamagedDatasetError(f"Reading {where} failed: {_short(e)}. "
+                              f"{_HOW_TO_RESTORE}") from e
 
 
 def _fingerprint(directory: str) -> str:
@@ -300,5 +536,5 @@ def gather(source, indices: np.ndarray) -> Batch:
   """The examples at `indices` of a TFDS or array source, stacked: {key: [n, ...]}."""
   if isinstance(source, ArraySource):
     return source.gather(indices)
-  examples = source.__getitems__(indices.tolist())
+  examples = _read(source, indices)
   return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}

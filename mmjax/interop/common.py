@@ -4,8 +4,11 @@ Every loader reads its file with `read_safetensors` (a readable file of floating
 tensors) and, where an exporter wrote a config into the file's metadata, parses it
 with `metadata_config` (a JSON object of the fields and kinds the loader needs, agreeing
 with what the tensors' shapes give). Both raise CheckpointError: one line naming the
-file and what to change.
+file and what to change. mmjax's exporters write with `save_safetensors`: the file
+appears whole (temp file + rename) and carries the SHA-256 of its tensors
+(CHECKSUM_KEY), which `read_safetensors` checks.
 """
+import hashlib
 import json
 import math
 import os
@@ -30,6 +33,34 @@ def mismatch(path, key, expected, found, hint="") -> CheckpointError:
                          + (" " + hint if hint else ""))
 
 
+# The metadata entry holding the SHA-256 of a file's tensors (`tensors_digest`).
+CHECKSUM_KEY = "mmjax.sha256"
+
+
+def tensors_digest(state: dict) -> str:
+  """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
+  h = hashlib.sha256()
+  for name in sorted(state):
+    array = np.ascontiguousarray(state[name])
+    h.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+    h.update(array.view(np.uint8).reshape(-1).data if array.size else b"")
+  return h.hexdigest()
+
+
+def save_safetensors(state: dict, path: str | os.PathLike, metadata: dict) -> None:
+  """Writes {name: np.ndarray} with `metadata` plus the tensors' SHA-256 (CHECKSUM_KEY)
+  to a temporary file beside `path`, then renames it: never half a file at `path`."""
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    st_numpy.save_file(state, tmp, metadata={**metadata, CHECKSUM_KEY: tensors_digest(state)})
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 # safetensors dtype names that NumPy holds as floating point.
 FLOAT_DTYPES = ("F16", "F32", "F64")
 
@@ -42,8 +73,10 @@ def read_safetensors(path: str | os.PathLike, keys: bool = True,
   boolean tensor would be cast to the parameters' dtype without a word, and bfloat16
   has no NumPy dtype. `ignore`: keys dropped unread, whatever their dtype (buffers
   such as OpenAI's integer "context_length"). A "module." prefix on every key (a
-  data-parallel save) is removed. Raises CheckpointError (one line) for a missing
-  file, one that is not safetensors, or a tensor of another dtype.
+  data-parallel save) is removed. Where the metadata holds CHECKSUM_KEY (mmjax's
+  exports), the tensors read must match it (keys=True). Raises CheckpointError (one
+  line) for a missing file, one that is not safetensors, a tensor of another dtype,
+  or tensors that differ from their checksum.
   """
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
@@ -66,6 +99,13 @@ def read_safetensors(path: str | os.PathLike, keys: bool = True,
               f"{path}: {name!r} holds {dtype} values, not floating-point weights: save the "
               "state dict with float32 or float16 tensors only (is this a weights file?).")
         out[name] = f.get_tensor(name) if keys else tuple(tensor.get_shape())
+      if keys and CHECKSUM_KEY in metadata:  # All the tensors, the ignored ones too.
+        everything = {n: out[n] if n in out else f.get_tensor(n) for n in f.keys()}
+        if tensors_digest(everything) != metadata[CHECKSUM_KEY]:
+          raise CheckpointError(
+              f"{path}: its tensors differ from the SHA-256 written with them "
+              f"({CHECKSUM_KEY}): the file is damaged or was edited. Export it again, or "
+              f"restore it from a copy.")
   except CheckpointError:
     raise
   except Exception as e:  # safetensors raises its own error type for a corrupt file.

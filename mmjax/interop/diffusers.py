@@ -230,7 +230,6 @@ def export_vae(params, model, path: str | os.PathLike, dtype=np.float32) -> dict
   Returns the diffusers config (AutoencoderKL(**config) loads the file), also written to
   the file's metadata.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   if not (model.mid_attention and model.decoder_extra_block and model.pad == 0
           and tuple(map(tuple, model.downsample_padding)) == ((0, 1), (0, 1))):
     raise ValueError("export_vae writes diffusers' layout: the model needs "
@@ -248,6 +247,5 @@ def export_vae(params, model, path: str | os.PathLike, dtype=np.float32) -> dict
             "mid_block_add_attention": model.mid_attention}
   state = common.from_params(params, _specs(config), dtype, "a diffusers AutoencoderKL")
   check_shapes(state, config, "export")
-  st_numpy.save_file(state, os.fspath(path),
-                     metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
+  common.save_safetensors(state, path, {"format": "pt", METADATA_KEY: json.dumps(config)})
   return config

@@ -353,7 +353,6 @@ def export(params, model, folder: str | os.PathLike, dtype=np.float32) -> dict:
   The family is the model's layout (see `_family`). Checked from the PyTorch side by
   tools/make_hf_fixtures.py.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   from mmjax.models import vit  # pylint: disable=import-outside-toplevel
   kind = _family(model)
   if model.activation not in _TO_HF_ACTIVATION:
@@ -399,10 +398,12 @@ def export(params, model, folder: str | os.PathLike, dtype=np.float32) -> dict:
   common.check_shapes(state, shapes, "export")
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
-  st_numpy.save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+  common.save_safetensors(state, os.path.join(folder, "model.safetensors"), {"format": "pt"})
+  tmp = os.path.join(folder, f"config.json.tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
     f.write("\n")
+  os.replace(tmp, os.path.join(folder, "config.json"))
   return config
 
 

@@ -346,7 +346,6 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   file into `open_clip.model.CLIP(**config)` (config as returned, less "quick_gelu" moved
   to the constructor's argument of that name): see tools/make_interop_fixtures.py.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
   from mmjax.models import vit  # pylint: disable=import-outside-toplevel
   if not getattr(model, "openai_layout", False) or model.image_pool != "tok":
     raise ValueError("export writes open_clip's ViT CLIP layout: the model needs "
@@ -377,8 +376,7 @@ def export(params, model, path: str | os.PathLike, dtype=np.float32) -> dict:
   specs = _specs(shape_config, v["num_heads"], model.text_heads)
   state = common.from_params(params, specs, dtype, "an open_clip CLIP")
   check_shapes(state, shape_config, "export")
-  st_numpy.save_file(state, os.fspath(path),
-                     metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
+  common.save_safetensors(state, path, {"format": "pt", METADATA_KEY: json.dumps(config)})
   return config
 
 
