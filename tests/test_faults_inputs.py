@@ -556,5 +556,5 @@ def test_a_frozen_set_that_freezes_everything_stops_before_the_workdir_fills(tmp
   """Through the trainer: refused where the mask is built (before compiling the step);
   no checkpoint and no metrics are written."""
   with pytest.raises(ValueError, match="nothing is left to train"):
-    test_trainer._train(test_trainer._config(frozen=("w", "b")), tmp_path)
+    lh.train(test_trainer.LinearTask, test_trainer._config(frozen=("w", "b")), tmp_path)
   assert not lh.checkpoint_steps(tmp_path) and not (tmp_path / "metrics.jsonl").exists()
