@@ -244,7 +244,9 @@ def _check_finite(rows: list[tuple[int, dict]], mngr, max_loss: float | None):
              is not None else "no checkpoint was saved")
     raise FloatingPointError(
         f"Stopped at step {step}: {what}; {saved}. Lower the learning rate or clip "
-        f"gradients (config.optimizer.grad_clip_norm).")
+        f"gradients (config.optimizer.grad_clip_norm), and rerun this --workdir with "
+        f"--config.resume_changes=<the fields changed, e.g. optimizer.learning_rate> to "
+        f"resume from the last checkpoint.")
 
 
 def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]):
@@ -286,6 +288,17 @@ class _Setup:
   step: int | None  # The restored checkpoint's step; None: nothing restored.
 
 
+def _check_config(config, workdir: str, mngr, latest: int | None, *, training: bool):
+  """`guards.check_restart` against the config saved with the latest checkpoint
+  (`checkpoints.saved_config`). Training records the config (process 0); --eval_only
+  with a checkpoint refuses the fields that change the experiment and writes nothing."""
+  if not training and latest is None:
+    return
+  saved, where = (None, "") if latest is None else checkpoints.saved_config(mngr, latest)
+  guards.check_restart(config, workdir, latest, write=training and jax.process_index() == 0,
+                       saved=saved, saved_path=where, evaluating=not training)
+
+
 def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   """The checkpoint manager, the task set up, its evaluators and the state, restored
   from the workdir's latest good checkpoint if there is one.
@@ -299,9 +312,8 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   logging.info("Config:\n%s", config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
   latest = mngr.latest_step()
-  if training:
-    guards.check_restart(config, workdir, latest, write=jax.process_index() == 0)
-  elif latest is None and not config.get("init_from"):
+  _check_config(config, workdir, mngr, latest, training=training)
+  if not training and latest is None and not config.get("init_from"):
     raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
                             f"(the same command without --eval_only), or evaluate "
                             f"pretrained weights with --config.init_from=<file>.")
@@ -360,7 +372,7 @@ class _Outputs:
     # Metrics first: a kill between the two leaves rows after the last checkpoint,
     # which the restart drops; never a checkpoint with a step's row missing.
     if save:
-      checkpoints.save(self.mngr, step, state, train_iter)
+      checkpoints.save(self.mngr, step, state, train_iter, self.config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
