@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 
@@ -94,3 +95,103 @@ def test_resume_changes_are_only_for_fields_that_keep_the_shapes(tmp_path):
                                                r"on"):
     _train(clip, tmp_path)
   assert lh.checkpoint_steps(tmp_path) == [5] and not list(tmp_path.glob("config.*.json"))
+
+
+# Item 2: the checkpoint carries the config that made it.
+def test_a_missing_config_json_is_restored_from_the_checkpoint_and_checked(tmp_path):
+  _train(_config(num_train_steps=5), tmp_path)
+  original = json.loads((tmp_path / "config.json").read_text())
+  saved = tmp_path / "checkpoints" / "5" / "config"
+  assert saved.is_dir()
+  (tmp_path / "config.json").unlink()
+  other = _config(num_train_steps=5, seed=7)
+  other.optimizer.learning_rate = 0.1
+  with pytest.raises(guards.ConfigError, match=r"differs from the one that wrote the "
+                                               r"checkpoint at step 5 .*learning_rate: "
+                                               r"0.05 -> 0.1; seed: 0 -> 7"):
+    _train(other, tmp_path)
+  # config.json is back, from the checkpoint's copy; nothing else changed.
+  assert json.loads((tmp_path / "config.json").read_text()) == original
+  assert lh.checkpoint_steps(tmp_path) == [5] and [r["step"] for r in _rows(tmp_path)] == [
+      1, 2, 3, 4, 5]
+  # The same config resumes.
+  (tmp_path / "config.json").unlink()
+  _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+  assert lh.checkpoint_steps(tmp_path)[-1] == 8
+
+
+def test_a_config_json_of_another_run_is_refused(tmp_path):
+  _train(_config(num_train_steps=5), tmp_path / "a")
+  _train(_config(num_train_steps=5, seed=3), tmp_path / "b")
+  (tmp_path / "a" / "config.json").write_bytes((tmp_path / "b" / "config.json").read_bytes())
+  with pytest.raises(guards.ConfigError, match=r"config.json does not match the config "
+                                               r"saved with the checkpoint at step 5 "
+                                               r"\(.*checkpoints/5/config\): seed: 3 -> 0"):
+    _train(_config(num_train_steps=8, seed=3, allow_schedule_change=True), tmp_path / "a")
+  assert lh.checkpoint_steps(tmp_path / "a") == [5]
+
+
+def test_a_checkpoint_without_a_config_and_no_config_json_is_refused(tmp_path):
+  _train(_config(num_train_steps=5), tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "5" / "config")  # As an older mmjax wrote it.
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(guards.ConfigError, match=r"config.json is missing and the checkpoint "
+                                               r"at step 5 carries no config"):
+    _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+  assert not (tmp_path / "config.json").exists()
+
+
+# Item 3: --eval_only is checked like a restart and replaces its rows.
+def test_eval_only_refuses_another_experiment_and_replaces_its_rows(tmp_path):
+  _train(_config(num_train_steps=5), tmp_path)
+  other = _config(num_train_steps=5, seed=1)
+  other.dataset.name = "fashion_mnist"
+  with pytest.raises(guards.ConfigError, match=r"--eval_only: the config differs from the "
+                                               r"one that wrote the checkpoint at step 5 .*"
+                                               r"dataset.name: 'mnist' -> 'fashion_mnist'; "
+                                               r"seed: 0 -> 1"):
+    _eval_only(other, tmp_path)
+  assert not (tmp_path / "eval_only").exists()
+  # Evaluator fields, the schedule's length and the learning rate do not change what
+  # is evaluated: allowed without an opt-in.
+  same = _config(num_train_steps=50, eval_batch_size=8)
+  same.optimizer.learning_rate = 0.01
+  same.evals.more = dict(type="test_trainer:WError", scale=2.0)
+  first = _eval_only(same, tmp_path)
+  again = _eval_only(same, tmp_path)
+  assert lh.strip_timing([first]) == lh.strip_timing([again])
+  rows = _rows(tmp_path / "eval_only")
+  assert [r["step"] for r in rows] == [5]
+  events = list((tmp_path / "eval_only").glob("events.out.tfevents.*"))
+  steps = [e.step for p in events for e in _events(p) if e.HasField("summary")]
+  assert steps and set(steps) == {5} and len(steps) == len(first)  # One event per scalar.
+  assert not (tmp_path / "config.5.json").exists()  # --eval_only records nothing.
+
+
+def _events(path):
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  return [event_pb2.Event.FromString(r) for r in metrics_lib._records(str(path))]  # pylint: disable=protected-access
+
+
+# Item 4: a damaged metrics.jsonl is repaired, the damage kept aside, said in one line.
+@pytest.mark.parametrize("damage", [
+    b"\xff\xfe\x00garbage\n",  # Not UTF-8.
+    b'{"step": 4, "train/loss": 0.5\n',  # Torn, then a newline.
+    b'[1, 2]\n{"no_step": 1}\n{"step": "4"}\n',  # JSON, but not rows.
+    b'{"step": 5, "train/loss": 0.\xc3',  # Torn inside a UTF-8 character, at the end.
+])
+def test_a_damaged_metrics_jsonl_is_repaired_with_a_copy_kept(tmp_path, damage, caplog):
+  _train(_config(num_train_steps=5), tmp_path)
+  path = tmp_path / "metrics.jsonl"
+  good = path.read_bytes()
+  lines = good.splitlines(keepends=True)
+  damaged = b"".join(lines[:2]) + damage + b"".join(lines[2:]) if damage.endswith(
+      b"\n") else good + damage
+  path.write_bytes(damaged)
+  with caplog.at_level("WARNING"):
+    _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+  assert [r["step"] for r in _rows(tmp_path)] == list(range(1, 9))
+  assert path.read_bytes().startswith(good)  # The good rows, byte for byte.
+  assert (tmp_path / "metrics.jsonl.damaged").read_bytes() == damaged
+  said = [r.getMessage() for r in caplog.records if "damaged line" in r.getMessage()]
+  assert len(said) == 1 and str(path) in said[0] and "metrics.jsonl.damaged" in said[0]

@@ -450,7 +450,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
 
   Trains nothing, takes no lock. Metrics and images are written as a training run
   writes them, into `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events,
-  images/), at the checkpoint's step. A workdir without a checkpoint is an error,
+  images/), at the checkpoint's step, replacing the rows of an earlier evaluation of
+  that step. The config is checked against the one that wrote the checkpoint
+  (`guards.check_restart`): a field that changes the experiment (task, model, dataset,
+  ...) is refused; evaluator fields may differ. A workdir without a checkpoint is an error,
   except with `config.init_from` (pretrained weights): then the parameters are
   `task.pretrained()`'s, with the loaded ones, evaluated as step 0. Returns the metrics.
   """
@@ -466,6 +469,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(out_dir, exist_ok=True)
+    metrics_lib.drop_step(out_dir, step)  # A repeated evaluation replaces its rows.
   writer = metrics_lib.create_writer(out_dir, is_main)
   scalars = _evaluate(run.evaluators, run.state, writer, out_dir, step)
   writer.write_scalars(step, scalars)
