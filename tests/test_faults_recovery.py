@@ -8,6 +8,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -15,6 +19,7 @@ import launch_helpers as lh
 from mmjax import parallel
 from mmjax.train import checkpoints
 from mmjax.train import guards
+from mmjax.train import memory
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import trainer
 from test_trainer import LinearTask, _config, _train
@@ -195,3 +200,67 @@ def test_a_damaged_metrics_jsonl_is_repaired_with_a_copy_kept(tmp_path, damage, 
   assert (tmp_path / "metrics.jsonl.damaged").read_bytes() == damaged
   said = [r.getMessage() for r in caplog.records if "damaged line" in r.getMessage()]
   assert len(said) == 1 and str(path) in said[0] and "metrics.jsonl.damaged" in said[0]
+
+
+# Item 5: a batch that cannot fit in host memory is refused before it is read.
+def test_an_absurd_batch_is_refused_before_any_batch_is_read(tmp_path, monkeypatch):
+  with pytest.raises(guards.ConfigError, match=r"config.global_batch_size=1099511627776 "
+                                               r"needs at least .* of host memory .* "
+                                               r"available. Lower config.global_batch_size"):
+    _train(_config(global_batch_size=2 ** 40), tmp_path / "a")
+  assert not lh.checkpoint_steps(tmp_path / "a") and not (tmp_path / "a" / "metrics.jsonl").exists()
+  # The estimate: LinearTask's preprocessed examples are x [4] and y, float32: 20 bytes.
+  made = []
+  monkeypatch.setattr(trainer, "create_train_state", lambda *a: made.append(a))
+  monkeypatch.setattr(memory, "available_bytes", lambda: 2 * 20 * 1000)
+  with pytest.raises(guards.ConfigError, match=r"global_batch_size=1008 needs at least 39.4 "
+                                               r"KB .*20 B per preprocessed example.*has 39.1 "
+                                               r"KB available.*below about 1000\)"):
+    _train(_config(global_batch_size=1008), tmp_path / "b")
+  assert not made  # Refused before the state or the data iterator was made.
+
+
+def test_an_absurd_batch_through_launch_is_one_line_at_once(tmp_path):
+  proc = lh.run("experiments/mnist_lenet.py:smoke", tmp_path, "global_batch_size=67108864",
+                check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
+  assert proc.returncode == 1
+  assert "Compiling" not in proc.stderr
+  last = proc.stderr.splitlines()[-1]
+  assert re.fullmatch(r"error: config.global_batch_size=67108864 needs at least [\d.]+ GB of "
+                      r"host memory .* Lower config.global_batch_size \(below about \d+\).",
+                      last), last
+  assert not lh.checkpoint_steps(tmp_path)
+
+
+_SLOW_FIRST_BATCH = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_trainer import LinearTask, _config, _train
+class SlowBatches:  # The training loop waits 120 s for its first batch.
+  def __iter__(self):
+    return self
+  def __next__(self):
+    open({marker!r}, "w").close()
+    time.sleep(120)
+class SlowTask(LinearTask):
+  def train_dataset(self, sharding):
+    return SlowBatches()
+_train(_config(num_train_steps=5), {workdir!r}, task_cls=SlowTask)
+"""
+
+
+def test_sigterm_while_the_first_batch_is_read_ends_the_run_at_once(tmp_path):
+  marker, workdir = tmp_path / "reading", tmp_path / "w"
+  script = _SLOW_FIRST_BATCH.format(tests=str(lh.REPO / "tests"), marker=str(marker),
+                                    workdir=str(workdir))
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=lh.REPO,
+                          env={**lh.env_with_devices(1), "PYTHONPATH": str(lh.REPO)},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 120
+  while not marker.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=20)  # Not the 120 s the first batch would take.
+  assert proc.returncode == -signal.SIGTERM
+  assert not lh.checkpoint_steps(workdir)

@@ -36,6 +36,7 @@ from mmjax import evals
 from mmjax import parallel
 from mmjax.train import checkpoints
 from mmjax.train import guards
+from mmjax.train import memory
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
 from mmjax.train import throughput
@@ -52,24 +53,33 @@ class TrainState:
 
 
 class _SigtermFlag:
-  """Remembers a SIGTERM (pre-emption notice) so the loop can checkpoint and stop."""
+  """Remembers a SIGTERM (pre-emption notice) so the loop can checkpoint and stop.
+
+  Only once `arm()` is called, after the first step: until then there is nothing to
+  save since the restored checkpoint, and SIGTERM keeps its default action (the
+  process ends at once, also while a first batch is read or the step compiles).
+  """
 
   def __init__(self):
     self.received = False
+    self._armed = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def arm(self):
+    if not self._armed and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._armed = True
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping.")
     self.received = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._armed:
+      signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def _split(batch, k: int):
@@ -318,6 +328,8 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
                             f"(the same command without --eval_only), or evaluate "
                             f"pretrained weights with --config.init_from=<file>.")
   task.setup()
+  if training:  # Before any batch is read: a batch that cannot fit is refused.
+    memory.check_batch_memory(task, config, jax.process_count())
   evaluators = evals.build(config, task)
   train_iter = None
   if training:  # Each process reads its own share of every global batch.
@@ -422,6 +434,7 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
                        "device and train/mfu are lower bounds.")
       profile.before_step(step)
       state, step_metrics = train_step(state, batch)
+      sigterm.arm()
       profile.after_step(step, state)
       out.pending.append((step, step_metrics))
       progress(step)
