@@ -99,7 +99,8 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
   grad_accum_steps >= 1, fsdp_min_size >= 1, the learning rate finite and >= 0,
   max_loss (if set) a number, dtype and param_dtype among
   mmjax.nn.precision.DTYPES, remat among its REMAT_CHOICES, scan_layers a bool,
-  optimizer.flatten only with mesh.fsdp 1, and the dataset name.
+  optimizer.flatten only with mesh.fsdp 1, resume_changes naming RESUMABLE fields
+  only, and the dataset name.
   """
   from mmjax.nn import precision  # Imports flax: only when a config is validated.
   bad = []
@@ -143,6 +144,10 @@ def validate(config: ml_collections.ConfigDict, *, check_dataset: bool = True):
          max_loss, "a number, or None for no limit")
   bad.extend(optimizer_range_problems(config))
   bad.extend(frozen_pattern_problems(config))
+  try:
+    parse_resume_changes(config)
+  except ConfigError as e:
+    bad.append(str(e).rstrip("."))
   if bad:
     raise ConfigError("Bad config: " + "; ".join(bad) + ".")
   dataset = config.get("dataset")

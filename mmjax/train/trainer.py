@@ -313,11 +313,12 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   """The checkpoint manager, the task set up, its evaluators and the state, restored
   from the workdir's latest good checkpoint if there is one.
 
-  Training: a restart's config is first compared with the first run's
-  (`guards.check_restart`), the data iterator is made and restored with the state, and
-  a latest checkpoint that cannot be restored is moved aside. Evaluation: a workdir
-  without a checkpoint is an error unless `config.init_from` gives the weights, and
-  nothing in the workdir is moved.
+  The config is first compared with the one that wrote the latest checkpoint
+  (`_check_config`). Training: the batch's host memory is checked
+  (`memory.check_batch_memory`) before the data iterator is made and restored with the
+  state, and a latest checkpoint that cannot be restored is moved aside. Evaluation: a
+  workdir without a checkpoint is an error unless `config.init_from` gives the
+  weights, and nothing in the workdir is moved.
   """
   logging.info("Config:\n%s", config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
