@@ -220,6 +220,7 @@ def test_an_absurd_batch_is_refused_before_any_batch_is_read(tmp_path, monkeypat
   assert not made  # Refused before the state or the data iterator was made.
 
 
+@pytest.mark.slow  # A subprocess that imports JAX and sets up a run.
 def test_an_absurd_batch_through_launch_is_one_line_at_once(tmp_path):
   proc = lh.run("experiments/mnist_lenet.py:smoke", tmp_path, "global_batch_size=67108864",
                 check=False, timeout=120, env={"JAX_LOG_COMPILES": "1"})
@@ -249,6 +250,7 @@ _train(_config(num_train_steps=5), {workdir!r}, task_cls=SlowTask)
 """
 
 
+@pytest.mark.slow  # A subprocess that imports JAX and sets up a run.
 def test_sigterm_while_the_first_batch_is_read_ends_the_run_at_once(tmp_path):
   marker, workdir = tmp_path / "reading", tmp_path / "w"
   script = _SLOW_FIRST_BATCH.format(tests=str(lh.REPO / "tests"), marker=str(marker),
