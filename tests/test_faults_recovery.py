@@ -22,7 +22,12 @@ from mmjax.train import guards
 from mmjax.train import memory
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import trainer
-from test_trainer import LinearTask, _config, _train
+from test_trainer import LinearTask, _config
+
+
+def _train(config, workdir, task_cls=LinearTask):
+  mesh = parallel.make_mesh()
+  return trainer.train_and_evaluate(config, str(workdir), task_cls(config, mesh), mesh)
 
 
 def _rows(workdir, name="metrics.jsonl"):
@@ -236,7 +241,9 @@ def test_an_absurd_batch_through_launch_is_one_line_at_once(tmp_path):
 _SLOW_FIRST_BATCH = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from test_trainer import LinearTask, _config, _train
+from mmjax import parallel
+from mmjax.train import trainer
+from test_trainer import LinearTask, _config
 class SlowBatches:  # The training loop waits 120 s for its first batch.
   def __iter__(self):
     return self
@@ -246,7 +253,9 @@ class SlowBatches:  # The training loop waits 120 s for its first batch.
 class SlowTask(LinearTask):
   def train_dataset(self, sharding):
     return SlowBatches()
-_train(_config(num_train_steps=5), {workdir!r}, task_cls=SlowTask)
+mesh = parallel.make_mesh()
+config = _config(num_train_steps=5)
+trainer.train_and_evaluate(config, {workdir!r}, SlowTask(config, mesh), mesh)
 """
 
 
