@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_loss = config_dict.placeholder(float)
   # A restart may change num_train_steps (and so the schedule) only when this is True.
   c.allow_schedule_change = False
+  # Optimizer fields (guards.RESUMABLE) a restart may change, comma-separated, e.g.
+  # "optimizer.learning_rate" to resume after a loss spike with a lower rate.
+  c.resume_changes = ""
   # Throughput: train/mfu needs the device's peak dense TFLOP/s (known for common GPUs
   # and TPUs, see mmjax/train/throughput.py); profile_steps = (first step, count) writes
   # a jax.profiler trace into <workdir>/profile.

@@ -1,8 +1,9 @@
 """Checkpoints of the run being trained: its Orbax manager, saving and restoring.
 
 A run's workdir holds `config.json` (the config it used) and `checkpoints/<step>/`,
-each an Orbax composite of `state` (the `TrainState`) and `data` (each process's
-Grain iterator position). Orbax writes a checkpoint to a temporary directory and
+each an Orbax composite of `state` (the `TrainState`), `data` (each process's Grain
+iterator position) and `config` (the config in force, as JSON: what a restart is
+checked against). Orbax writes a checkpoint to a temporary directory and
 renames it when complete, so a checkpoint is never half-written.
 
 What can still go wrong is handled here too: `WorkdirLock` keeps a second run off a
@@ -97,10 +98,30 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                            save_interval_steps=1))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, train_iter):
-  """Saves the train state and the data iterator's position (asynchronously)."""
-  mngr.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+def save(mngr: ocp.CheckpointManager, step: int, state, train_iter, config=None):
+  """Saves the train state, the data iterator's position and (given) the config as
+  `config.json` holds it (asynchronously)."""
+  items = dict(state=ocp.args.StandardSave(state),
+               data=grain.checkpoint.CheckpointSave(train_iter))
+  if config is not None:
+    items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+  mngr.save(step, force=True, args=ocp.args.Composite(**items))
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> tuple[dict | None, str]:
+  """(config, where) saved with the checkpoint at `step`: None for a checkpoint
+  without one (written by an older mmjax) or whose copy cannot be read."""
+  where = os.path.join(str(mngr.directory), str(step), "config")
+  if not os.path.isdir(where):
+    return None, where
+  try:
+    config = mngr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+  except Exception as e:  # pylint: disable=broad-except  # Orbax errors vary.
+    logging.warning("The config saved with checkpoint %d (%s) cannot be read: %s", step,
+                    where, e)
+    return None, where
+  return (config if isinstance(config, dict) else None), where
 
 
 def _shapes(tree) -> list[tuple]:

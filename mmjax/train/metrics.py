@@ -6,7 +6,9 @@ summary per scalar (plugin "scalars", float32) and per set of images (plugin "im
 [width, height, png, png, ...] strings), which TensorBoard reads as before.
 
 A run that starts (or resumes from step s) first drops the rows and TensorBoard
-events after step 0 (or s): `truncate(workdir, s)`. The trainer writes a step's
+events after step 0 (or s): `truncate(workdir, s)`; damaged lines of metrics.jsonl
+(not UTF-8, torn, not a row) go too, the file as it was kept as
+`metrics.jsonl.damaged`. The trainer writes a step's
 metrics before its checkpoint, so whatever is killed when, no step is written twice.
 """
 import abc
@@ -153,22 +155,60 @@ def _png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def truncate_jsonl(path: str, last_step: int):
-  """Drops lines after `last_step`: a resumed run rewrites the steps it lost."""
+def _step_of(line: bytes) -> int | None:
+  """The step of a metrics.jsonl line; None if the line is damaged (not UTF-8, not
+  JSON, not an object with an integer step)."""
+  try:
+    row = json.loads(line.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors.
+    return None
+  step = row.get("step") if isinstance(row, dict) else None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _free_name(path: str) -> str:
+  n, candidate = 0, path
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
+
+
+def filter_jsonl(path: str, keep) -> int:
+  """Keeps the lines of a metrics.jsonl file whose step `keep(step)` accepts.
+
+  Damaged lines (bytes that are not UTF-8, a torn line, a line that is not a row) are
+  dropped too: the file as it was is first copied to `<path>.damaged` (or
+  `.damaged.1`, ...) and one warning names both. Returns how many damaged lines were
+  dropped.
+  """
   if not os.path.exists(path):
-    return
-  def step(line):
-    try:
-      return json.loads(line)["step"]
-    except ValueError:  # A line torn by a kill.
-      return None
-  with open(path, encoding="utf-8") as f:
-    keep = [line for line in f if line.strip() and (s := step(line)) is not None
-            and s <= last_step]
+    return 0
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = [line for line in data.splitlines(keepends=True) if line.strip()]
+  steps = [_step_of(line) for line in lines]
+  damaged = [i + 1 for i, s in enumerate(steps) if s is None]
+  keep_lines = [line if line.endswith(b"\n") else line + b"\n"
+                for line, s in zip(lines, steps) if s is not None and keep(s)]
+  if damaged:
+    copy = _free_name(f"{path}.damaged")
+    with open(copy, "wb") as f:
+      f.write(data)
+    logging.warning("%s: dropped %d damaged line(s) (line %s%s: not UTF-8 JSON rows); "
+                    "the file as it was is kept in %s.", path, len(damaged), damaged[0],
+                    "" if len(damaged) == 1 else ", ...", copy)
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
+  with open(tmp, "wb") as f:
+    f.writelines(keep_lines)
   os.replace(tmp, path)
+  return len(damaged)
+
+
+def truncate_jsonl(path: str, last_step: int):
+  """Drops lines after `last_step` (a resumed run rewrites the steps it lost) and
+  damaged lines (`filter_jsonl`)."""
+  filter_jsonl(path, lambda s: s <= last_step)
 
 
 def _records(path: str) -> Iterator[bytes]:
@@ -193,12 +233,14 @@ def _crc(four_bytes: bytes) -> int:
   return struct.unpack("<I", four_bytes)[0]
 
 
-def truncate_events(workdir: str, last_step: int):
-  """Drops TensorBoard events after `last_step` from `<workdir>/events.out.tfevents.*`.
+def truncate_events(workdir: str, last_step: int, *, only=None):
+  """Drops TensorBoard events after `last_step` from `<workdir>/events.out.tfevents.*`
+  (with `only`, the events at step `only` instead).
 
   Files left with no scalar or image events are deleted. A torn record at the end of a
   file (a killed writer) is dropped too.
   """
+  drop = (lambda s: s > last_step) if only is None else (lambda s: s == only)
   paths = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
   if not paths:
     return
@@ -207,7 +249,7 @@ def truncate_events(workdir: str, last_step: int):
     try:
       for record in _records(path):
         event = event_pb2.Event.FromString(record)
-        if event.step > last_step and event.HasField("summary"):
+        if drop(event.step) and event.HasField("summary"):
           dropped = True
         else:
           events.append(record)
@@ -230,6 +272,13 @@ def truncate(workdir: str, last_step: int):
   """metrics.jsonl and TensorBoard events keep the steps <= `last_step` only."""
   truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), last_step)
   truncate_events(workdir, last_step)
+
+
+def drop_step(workdir: str, step: int):
+  """metrics.jsonl and TensorBoard events lose their rows at `step` (a repeated
+  evaluation of the same checkpoint replaces its rows)."""
+  filter_jsonl(os.path.join(workdir, "metrics.jsonl"), lambda s: s != step)
+  truncate_events(workdir, step, only=step)
 
 
 def create_writer(workdir: str, is_main_process: bool) -> MetricWriter:

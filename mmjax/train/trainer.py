@@ -36,6 +36,7 @@ from mmjax import parallel
 from mmjax.data import batching
 from mmjax.train import checkpoints
 from mmjax.train import guards
+from mmjax.train import memory
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim
 from mmjax.train import throughput
@@ -52,24 +53,33 @@ class TrainState:
 
 
 class _SigtermFlag:
-  """Remembers a SIGTERM (pre-emption notice) so the loop can checkpoint and stop."""
+  """Remembers a SIGTERM (pre-emption notice) so the loop can checkpoint and stop.
+
+  Only once `arm()` is called, after the first step: until then there is nothing to
+  save since the restored checkpoint, and SIGTERM keeps its default action (the
+  process ends at once, also while a first batch is read or the step compiles).
+  """
 
   def __init__(self):
     self.received = False
+    self._armed = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def arm(self):
+    if not self._armed and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._armed = True
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping.")
     self.received = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._armed:
+      signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def _split(batch, k: int):
@@ -244,7 +254,9 @@ def _check_finite(rows: list[tuple[int, dict]], mngr, max_loss: float | None):
              is not None else "no checkpoint was saved")
     raise FloatingPointError(
         f"Stopped at step {step}: {what}; {saved}. Lower the learning rate or clip "
-        f"gradients (config.optimizer.grad_clip_norm).")
+        f"gradients (config.optimizer.grad_clip_norm), and rerun this --workdir with "
+        f"--config.resume_changes=<the fields changed, e.g. optimizer.learning_rate> to "
+        f"resume from the last checkpoint.")
 
 
 def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]):
@@ -286,26 +298,39 @@ class _Setup:
   step: int | None  # The restored checkpoint's step; None: nothing restored.
 
 
+def _check_config(config, workdir: str, mngr, latest: int | None, *, training: bool):
+  """`guards.check_restart` against the config saved with the latest checkpoint
+  (`checkpoints.saved_config`). Training records the config (process 0); --eval_only
+  with a checkpoint refuses the fields that change the experiment and writes nothing."""
+  if not training and latest is None:
+    return
+  saved, where = (None, "") if latest is None else checkpoints.saved_config(mngr, latest)
+  guards.check_restart(config, workdir, latest, write=training and jax.process_index() == 0,
+                       saved=saved, saved_path=where, evaluating=not training)
+
+
 def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
   """The checkpoint manager, the task set up, its evaluators and the state, restored
   from the workdir's latest good checkpoint if there is one.
 
-  Training: a restart's config is first compared with the first run's
-  (`guards.check_restart`), the data iterator is made and restored with the state, and
-  a latest checkpoint that cannot be restored is moved aside. Evaluation: a workdir
-  without a checkpoint is an error unless `config.init_from` gives the weights, and
-  nothing in the workdir is moved.
+  The config is first compared with the one that wrote the latest checkpoint
+  (`_check_config`). Training: the batch's host memory is checked
+  (`memory.check_batch_memory`) before the data iterator is made and restored with the
+  state, and a latest checkpoint that cannot be restored is moved aside. Evaluation: a
+  workdir without a checkpoint is an error unless `config.init_from` gives the
+  weights, and nothing in the workdir is moved.
   """
   logging.info("Config:\n%s", config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
   latest = mngr.latest_step()
-  if training:
-    guards.check_restart(config, workdir, latest, write=jax.process_index() == 0)
-  elif latest is None and not config.get("init_from"):
+  _check_config(config, workdir, mngr, latest, training=training)
+  if not training and latest is None and not config.get("init_from"):
     raise FileNotFoundError(f"--eval_only: no checkpoint in {mngr.directory}; train first "
                             f"(the same command without --eval_only), or evaluate "
                             f"pretrained weights with --config.init_from=<file>.")
   task.setup()
+  if training:  # Before any batch is read: a batch that cannot fit is refused.
+    memory.check_batch_memory(task, config, jax.process_count())
   evaluators = evals.build(config, task)
   train_iter = None
   if training:  # Each process reads its own share of every global batch.
@@ -360,7 +385,7 @@ class _Outputs:
     # Metrics first: a kill between the two leaves rows after the last checkpoint,
     # which the restart drops; never a checkpoint with a step's row missing.
     if save:
-      checkpoints.save(self.mngr, step, state, train_iter)
+      checkpoints.save(self.mngr, step, state, train_iter, self.config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task,
@@ -410,6 +435,7 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
                        "device and train/mfu are lower bounds.")
       profile.before_step(step)
       state, step_metrics = train_step(state, batch)
+      sigterm.arm()
       profile.after_step(step, state)
       out.pending.append((step, step_metrics))
       progress(step)
@@ -438,7 +464,10 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
 
   Trains nothing, takes no lock. Metrics and images are written as a training run
   writes them, into `<workdir>/eval_only/` (metrics.jsonl, TensorBoard events,
-  images/), at the checkpoint's step. A workdir without a checkpoint is an error,
+  images/), at the checkpoint's step, replacing the rows of an earlier evaluation of
+  that step. The config is checked against the one that wrote the checkpoint
+  (`guards.check_restart`): a field that changes the experiment (task, model, dataset,
+  ...) is refused; evaluator fields may differ. A workdir without a checkpoint is an error,
   except with `config.init_from` (pretrained weights): then the parameters are
   `task.pretrained()`'s, with the loaded ones, evaluated as step 0. Returns the metrics.
   """
@@ -454,6 +483,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(out_dir, exist_ok=True)
+    metrics_lib.drop_step(out_dir, step)  # A repeated evaluation replaces its rows.
   writer = metrics_lib.create_writer(out_dir, is_main)
   scalars = _evaluate(run.evaluators, run.state, writer, out_dir, step)
   writer.write_scalars(step, scalars)
