@@ -25,11 +25,6 @@ from mmjax.train import trainer
 from test_trainer import LinearTask, _config
 
 
-def _train(config, workdir, task_cls=LinearTask):
-  mesh = parallel.make_mesh()
-  return trainer.train_and_evaluate(config, str(workdir), task_cls(config, mesh), mesh)
-
-
 def _rows(workdir, name="metrics.jsonl"):
   return metrics_lib.read_jsonl(os.path.join(workdir, name))
 
@@ -52,17 +47,17 @@ def _spike_config(lr: float, **overrides):
 def test_nan_stop_then_a_lower_learning_rate_resumes_from_the_finite_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"Stopped at step 35: .*the last checkpoint, "
                                                r"step 30 .*--config.resume_changes="):
-    _train(_spike_config(3.0), tmp_path)
+    lh.train(LinearTask, _spike_config(3.0), tmp_path)
   original = (tmp_path / "config.json").read_bytes()
   lower = _spike_config(0.05)
   # Without the opt-in: refused, naming the opt-in; nothing written.
   with pytest.raises(guards.ConfigError, match=r"optimizer.learning_rate: 3.0 -> 0.05.*"
                                                r"--config.resume_changes=optimizer"
                                                r".learning_rate"):
-    _train(lower, tmp_path)
+    lh.train(LinearTask, lower, tmp_path)
   assert not list(tmp_path.glob("config.*.json"))
   lower.resume_changes = "optimizer.learning_rate"
-  final = _train(lower, tmp_path)
+  final = lh.train(LinearTask, lower, tmp_path)
   assert (tmp_path / "config.json").read_bytes() == original
   record = json.loads((tmp_path / "config.30.json").read_text())
   assert record["optimizer"]["learning_rate"] == 0.05
@@ -78,38 +73,38 @@ def test_nan_stop_then_a_lower_learning_rate_resumes_from_the_finite_checkpoint(
   # rate needs no opt-in again, and going back to 3.0 does.
   again = _spike_config(3.0, num_train_steps=70, allow_schedule_change=True)
   with pytest.raises(guards.ConfigError, match=r"learning_rate: 0.05 -> 3.0"):
-    _train(again, tmp_path)
-  _train(_spike_config(0.05, num_train_steps=70, allow_schedule_change=True), tmp_path)
+    lh.train(LinearTask, again, tmp_path)
+  lh.train(LinearTask, _spike_config(0.05, num_train_steps=70, allow_schedule_change=True), tmp_path)
   assert [r["step"] for r in _rows(tmp_path)] == list(range(1, 71))
 
 
 def test_resume_changes_are_only_for_fields_that_keep_the_shapes(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   changed = _config(num_train_steps=5, global_batch_size=32,
                     resume_changes="global_batch_size")
   with pytest.raises(guards.ConfigError, match=r"config.resume_changes names "
                                                r"global_batch_size: only optimizer"):
-    _train(changed, tmp_path)
+    lh.train(LinearTask, changed, tmp_path)
   # The other fields changed with a resumable one: the hint says what may change.
   mixed = _config(num_train_steps=6, seed=3, allow_schedule_change=True)
   mixed.optimizer.learning_rate = 0.01
   with pytest.raises(guards.ConfigError, match=r"seed: 0 -> 3.*\(only optimizer.learning_"
                                                r"rate, .* may change, with --config."
                                                r"resume_changes\)"):
-    _train(mixed, tmp_path)
+    lh.train(LinearTask, mixed, tmp_path)
   # Turning clipping on changes the optimizer state's layout: refused.
   clip = _config(num_train_steps=6, allow_schedule_change=True,
                  resume_changes="optimizer.grad_clip_norm")
   clip.optimizer.grad_clip_norm = 1.0
   with pytest.raises(guards.ConfigError, match=r"grad_clip_norm: 0.0 -> 1.0 turns clipping "
                                                r"on"):
-    _train(clip, tmp_path)
+    lh.train(LinearTask, clip, tmp_path)
   assert lh.checkpoint_steps(tmp_path) == [5] and not list(tmp_path.glob("config.*.json"))
 
 
 # Item 2: the checkpoint carries the config that made it.
 def test_a_missing_config_json_is_restored_from_the_checkpoint_and_checked(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   original = json.loads((tmp_path / "config.json").read_text())
   saved = tmp_path / "checkpoints" / "5" / "config"
   assert saved.is_dir()
@@ -119,41 +114,41 @@ def test_a_missing_config_json_is_restored_from_the_checkpoint_and_checked(tmp_p
   with pytest.raises(guards.ConfigError, match=r"differs from the one that wrote the "
                                                r"checkpoint at step 5 .*learning_rate: "
                                                r"0.05 -> 0.1; seed: 0 -> 7"):
-    _train(other, tmp_path)
+    lh.train(LinearTask, other, tmp_path)
   # config.json is back, from the checkpoint's copy; nothing else changed.
   assert json.loads((tmp_path / "config.json").read_text()) == original
   assert lh.checkpoint_steps(tmp_path) == [5] and [r["step"] for r in _rows(tmp_path)] == [
       1, 2, 3, 4, 5]
   # The same config resumes.
   (tmp_path / "config.json").unlink()
-  _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=8, allow_schedule_change=True), tmp_path)
   assert lh.checkpoint_steps(tmp_path)[-1] == 8
 
 
 def test_a_config_json_of_another_run_is_refused(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path / "a")
-  _train(_config(num_train_steps=5, seed=3), tmp_path / "b")
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path / "a")
+  lh.train(LinearTask, _config(num_train_steps=5, seed=3), tmp_path / "b")
   (tmp_path / "a" / "config.json").write_bytes((tmp_path / "b" / "config.json").read_bytes())
   with pytest.raises(guards.ConfigError, match=r"config.json does not match the config "
                                                r"saved with the checkpoint at step 5 "
                                                r"\(.*checkpoints/5/config\): seed: 3 -> 0"):
-    _train(_config(num_train_steps=8, seed=3, allow_schedule_change=True), tmp_path / "a")
+    lh.train(LinearTask, _config(num_train_steps=8, seed=3, allow_schedule_change=True), tmp_path / "a")
   assert lh.checkpoint_steps(tmp_path / "a") == [5]
 
 
 def test_a_checkpoint_without_a_config_and_no_config_json_is_refused(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "5" / "config")  # As an older mmjax wrote it.
   (tmp_path / "config.json").unlink()
   with pytest.raises(guards.ConfigError, match=r"config.json is missing and the checkpoint "
                                                r"at step 5 carries no config"):
-    _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+    lh.train(LinearTask, _config(num_train_steps=8, allow_schedule_change=True), tmp_path)
   assert not (tmp_path / "config.json").exists()
 
 
 # Item 3: --eval_only is checked like a restart and replaces its rows.
 def test_eval_only_refuses_another_experiment_and_replaces_its_rows(tmp_path):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   other = _config(num_train_steps=5, seed=1)
   other.dataset.name = "fashion_mnist"
   with pytest.raises(guards.ConfigError, match=r"--eval_only: the config differs from the "
@@ -191,7 +186,7 @@ def _events(path):
     b'{"step": 5, "train/loss": 0.\xc3',  # Torn inside a UTF-8 character, at the end.
 ])
 def test_a_damaged_metrics_jsonl_is_repaired_with_a_copy_kept(tmp_path, damage, caplog):
-  _train(_config(num_train_steps=5), tmp_path)
+  lh.train(LinearTask, _config(num_train_steps=5), tmp_path)
   path = tmp_path / "metrics.jsonl"
   good = path.read_bytes()
   lines = good.splitlines(keepends=True)
@@ -199,7 +194,7 @@ def test_a_damaged_metrics_jsonl_is_repaired_with_a_copy_kept(tmp_path, damage, 
       b"\n") else good + damage
   path.write_bytes(damaged)
   with caplog.at_level("WARNING"):
-    _train(_config(num_train_steps=8, allow_schedule_change=True), tmp_path)
+    lh.train(LinearTask, _config(num_train_steps=8, allow_schedule_change=True), tmp_path)
   assert [r["step"] for r in _rows(tmp_path)] == list(range(1, 9))
   assert path.read_bytes().startswith(good)  # The good rows, byte for byte.
   assert (tmp_path / "metrics.jsonl.damaged").read_bytes() == damaged
@@ -212,7 +207,7 @@ def test_an_absurd_batch_is_refused_before_any_batch_is_read(tmp_path, monkeypat
   with pytest.raises(guards.ConfigError, match=r"config.global_batch_size=1099511627776 "
                                                r"needs at least .* of host memory .* "
                                                r"available. Lower config.global_batch_size"):
-    _train(_config(global_batch_size=2 ** 40), tmp_path / "a")
+    lh.train(LinearTask, _config(global_batch_size=2 ** 40), tmp_path / "a")
   assert not lh.checkpoint_steps(tmp_path / "a") and not (tmp_path / "a" / "metrics.jsonl").exists()
   # The estimate: LinearTask's preprocessed examples are x [4] and y, float32: 20 bytes.
   made = []
@@ -221,7 +216,7 @@ def test_an_absurd_batch_is_refused_before_any_batch_is_read(tmp_path, monkeypat
   with pytest.raises(guards.ConfigError, match=r"global_batch_size=1008 needs at least 39.4 "
                                                r"KB .*20 B per preprocessed example.*has 39.1 "
                                                r"KB available.*below about 1000\)"):
-    _train(_config(global_batch_size=1008), tmp_path / "b")
+    lh.train(LinearTask, _config(global_batch_size=1008), tmp_path / "b")
   assert not made  # Refused before the state or the data iterator was made.
 
 
