@@ -120,10 +120,14 @@ def resolve_config(value: str) -> str:
   """`--config`'s value with a module name (`mnist_lenet`, `mmjax.experiments.mnist_lenet`,
   `package.module`) replaced by its file; a path is returned unchanged."""
   name, colon, arg = value.partition(":")
-  if name.endswith(".py") or os.path.exists(name) or os.sep in name or not name:
+  folder = _experiments_dir()
+  if os.path.exists(name) or os.sep in name or not name:
+    return value
+  if name.endswith(".py"):  # `mnist_lenet.py`: a file of the experiments' folder.
+    if folder is not None and (folder / name).is_file():
+      return f"{folder / name}{colon}{arg}"
     return value
   short = name.removeprefix(_EXPERIMENTS_PACKAGE + ".")
-  folder = _experiments_dir()
   if "." not in short and folder is not None and (folder / f"{short}.py").is_file():
     return f"{folder / short}.py{colon}{arg}"
   try:
@@ -174,17 +178,18 @@ def _load_config(argv: list[str]):
 
 def _unknown_field_message(e: Exception, argv: list[str]) -> str:
   """'--config.lerning_rate: no such field; did you mean optimizer.learning_rate?'"""
-  given = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
-  key = str(e).split("\\n")[0].split("\n")[0].strip("'\" ")
-  bad = next((g for g in given if g == key or g.endswith("." + key)), key)
   fields = _config_fields(_load_config(argv))
+  given = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+  unknown = [g for g in given if g not in fields]
+  match = re.search(r"[\w.]+", str(e))
+  bad = unknown[0] if unknown else (match.group(0) if match else "?")
   leaves = {f.rsplit(".", 1)[-1]: f for f in fields}
-  close = difflib.get_close_matches(bad, fields, n=3, cutoff=0.6)
+  close = difflib.get_close_matches(bad, fields, n=3, cutoff=0.8)
   close += [leaves[n] for n in difflib.get_close_matches(bad.rsplit(".", 1)[-1], list(leaves),
-                                                          n=3, cutoff=0.6)]
+                                                          n=3, cutoff=0.75)]
   close = list(dict.fromkeys(close))[:3]
   hint = f"; did you mean {' or '.join(close)}?" if close else " (--print_config lists them)."
-  return f"--config.{bad}: the config has no such field{hint}"
+  return f"--config.{bad}: unknown field{hint}"
 
 
 def _value_error(e: BaseException) -> ValueError | None:
@@ -209,6 +214,9 @@ def _parse_flags(argv):
     if _traceback():
       raise
     cause = e.__cause__ or e
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    if "Error whilst parsing config file" in str(e) and ": " in last:
+      _fail(f"--config: {last.split(': ', 1)[1]}", 2)  # get_config raised, e.g. `:smoek`.
     value_error = _value_error(e)
     if isinstance(e, ValueError) and str(e).startswith("--config:"):
       message = str(e)  # A config that is no file or module.
