@@ -203,8 +203,10 @@ def _value_error(e: BaseException) -> ValueError | None:
 def _parse_flags(argv):
   """absl's flag parsing, with a one-line error for a bad flag, field or config file."""
   if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
-    flags.FLAGS.mark_as_parsed()
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    print(f"{__doc__.strip()}\n\nFlags:\n{flags.FLAGS.module_help(__name__)}\n\n"
+          f"--config.<field>=<value> overrides a field (--print_config lists them); "
+          f"--helpfull lists absl's flags too.")
+    sys.exit(0)
   try:
     argv = _rewrite_config_flag(argv)
     argv = flags.FLAGS(argv)
