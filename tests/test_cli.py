@@ -172,3 +172,40 @@ def test_a_smoke_run_prints_few_readable_lines_and_a_summary(tmp_path):
   again = _launch("--config=mnist_lenet:smoke", f"--workdir={tmp_path / 'v'}", "--verbose")
   assert again.returncode == 0 and "Config:" in again.stderr
   assert len(again.stderr.splitlines()) > 60
+
+
+def test_step_lines_and_seconds_granular_eta():
+  from mmjax.train import console
+  assert [console.format_duration(s) for s in (0, 45, 151, 3725)] == ["0s", "45s", "2m31s",
+                                                                       "1h02m05s"]
+  scalars = {"train/loss": 0.07211, "train/accuracy": 0.979, "train/examples_per_sec": 1210.4,
+             "train/steps_per_sec": 25.0, "train/grad_norm": 1.0}
+  assert console.step_line(938, 4690, scalars) == (
+      "step 938/4690  loss 0.07211  acc 0.979  1,210 img/s  ETA 2m30s")
+  assert console.eval_line(938, {"eval/accuracy": 0.9912, "eval/loss": 0.0301,
+                                 "eval/seconds": 3.0}) == "eval 938  accuracy 0.9912  loss 0.0301"
+
+
+def test_a_progress_bar_on_a_terminal_only(monkeypatch):
+  import io
+  import logging
+  from mmjax.train import console
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  monkeypatch.setenv("COLUMNS", "100")
+  for stream, expect_bar in ((Terminal(), True), (io.StringIO(), False)):
+    monkeypatch.setattr(sys, "stderr", stream)
+    logger = logging.getLogger("mmjax.console")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", True)
+    console.configure()
+    c = console.Console(10, 0)
+    for step in range(1, 11):
+      c.advance(step)
+    c.write_scalars(10, {"train/loss": 1.0})
+    c.close()
+    assert "step 10/10  loss 1\n" in stream.getvalue()
+    assert ("10/10 [" in stream.getvalue()) == expect_bar, stream.getvalue()
