@@ -32,6 +32,7 @@ import pathlib
 import re
 import shutil
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -260,11 +261,14 @@ def prepare_workdir(workdir: str) -> list[str]:
   created = []
   try:
     for folder in reversed(missing):
-      os.mkdir(folder)
-      created.append(folder)
-    probe = os.path.join(path, f".write-test.{os.getpid()}")
-    with open(probe, "w", encoding="utf-8"):
-      pass
+      try:
+        os.mkdir(folder)
+        created.append(folder)
+      except FileExistsError:  # Another process of the run made it.
+        if not os.path.isdir(folder):
+          raise
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     for folder in reversed(created):
@@ -281,12 +285,15 @@ def prepare_workdir(workdir: str) -> list[str]:
 
 
 def _cleanup_workdir():
-  """Removes the workdir (and parents) this run created if it holds no checkpoint."""
+  """Removes the workdir (and parents) this run created if the run stopped before it
+  logged a step or saved a checkpoint (it was refused)."""
   if not _created:
     return
   workdir = _created[-1]
   ckpt = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  if (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))) or (
+      os.path.exists(jsonl) and os.path.getsize(jsonl)):
     return
   shutil.rmtree(workdir, ignore_errors=True)
   for folder in reversed(_created[:-1]):

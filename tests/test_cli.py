@@ -119,7 +119,7 @@ def test_the_workdir_check_comes_before_jax(tmp_path):
 def test_a_read_only_file_system_is_named_and_nothing_is_left(tmp_path, monkeypatch):
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, "Read-only file system")
-  monkeypatch.setattr("builtins.open", read_only)
+  monkeypatch.setattr(launch.tempfile, "mkstemp", read_only)
   with pytest.raises(ValueError) as e:
     launch.prepare_workdir(str(tmp_path / "a" / "b"))
   assert str(e.value) == (f"--workdir {tmp_path / 'a' / 'b'} cannot be created (it is on a "
