@@ -163,6 +163,7 @@ def test_the_wheel_carries_licences_types_and_the_vocabulary(wheel):
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
     metadata = z.read(f"mmjax-{mmjax.__version__}.dist-info/METADATA").decode()
+    entry_points = z.read(f"mmjax-{mmjax.__version__}.dist-info/entry_points.txt").decode()
   assert {"mmjax/py.typed", "mmjax/data/assets/bpe_simple_vocab_16e6.txt.gz",
           "mmjax/data/assets/LICENSE-bpe_simple_vocab_16e6.txt",
           f"mmjax-{mmjax.__version__}.dist-info/licenses/LICENSE"} <= names
@@ -173,7 +174,6 @@ def test_the_wheel_carries_licences_types_and_the_vocabulary(wheel):
   # The harness and its configs: python -m mmjax.launch --config=mnist_lenet, mmjax-launch.
   assert {"mmjax/launch.py", "mmjax/experiments/__init__.py",
           "mmjax/experiments/mnist_lenet.py"} <= names
-  entry_points = z.read(f"mmjax-{mmjax.__version__}.dist-info/entry_points.txt").decode()
   assert "mmjax-launch = mmjax.launch:run" in entry_points
 
 
