@@ -330,12 +330,13 @@ def _configure_logging(verbose: bool):
 
 
 def _is_expected(e: BaseException) -> bool:
-  from mmjax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  return isinstance(e, (ValueError, FloatingPointError, FileNotFoundError,
-                        checkpoints.WorkdirLocked, checkpoints.CorruptCheckpointError,
-                        app.UsageError)) or (
+  if isinstance(e, (ValueError, FloatingPointError, FileNotFoundError, app.UsageError)) or (
       isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
-                                             errno.EROFS))
+                                             errno.EROFS)):
+    return True
+  checkpoints = sys.modules.get("mmjax.train.checkpoints")  # Not imported: not its errors.
+  return checkpoints is not None and isinstance(
+      e, (checkpoints.WorkdirLocked, checkpoints.CorruptCheckpointError))
 
 
 def _short_dataset_error(e: BaseException) -> str:
@@ -367,13 +368,12 @@ def _main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (where checkpoints and metrics go).")
-  verbose = _verbose()
-  _configure_logging(verbose)
   if not _EVAL_ONLY.value:
     _created[:] = prepare_workdir(_WORKDIR.value)
   elif not os.path.isdir(_WORKDIR.value):
     raise FileNotFoundError(f"--eval_only: {_WORKDIR.value} is not a workdir; train first "
                             f"(the same command without --eval_only).")
+  _configure_logging(_verbose())
   from mmjax.train import host  # pylint: disable=g-import-not-at-top
   if config.get("reuse_host_memory", True):
     host.reuse_freed_memory()  # Before JAX starts its threads; see mmjax/train/host.py.
