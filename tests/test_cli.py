@@ -106,6 +106,17 @@ def test_an_unusable_workdir_is_one_line_before_jax(tmp_path, kind):
   assert (tmp_path / "f").read_text() == "x"
 
 
+def test_a_workdir_error_imports_no_jax():
+  proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "mmjax.launch",
+                         f"--config={SMOKE}", "--workdir=/proc/mmjax-x"], cwd=lh.REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith("error: --workdir")
+  imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+              if line.startswith("import time:")}
+  assert "ml_collections" in imported  # The parse of -X importtime works.
+  assert not imported & {"jax", "orbax", "tensorflow", "mmjax.train.trainer"}, imported
+
+
 def test_the_workdir_check_comes_before_jax(tmp_path):
   code = ("import sys\nfrom mmjax import launch\n"
           f"try:\n  launch.prepare_workdir({str(tmp_path / 'f' / 'w')!r})\n"
