@@ -216,7 +216,7 @@ def test_second_run_on_a_locked_workdir_stops_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("num_train_step=5",), "unknown field 'num_train_step' Did you mean"),
+    (("num_train_step=5",), "--config.num_train_step: unknown field; did you mean num_train_steps?"),
     (("keep_checkpoints=0",), "config.keep_checkpoints=0"),
     (("dataset.name=mnsit",), "did you mean 'mnist'"),
 ])

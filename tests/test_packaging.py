@@ -146,7 +146,7 @@ print("reuse ok", float(first), float(loss))
 def wheel(tmp_path_factory) -> pathlib.Path:
   """A wheel built from a copy of the sources (the build writes beside them)."""
   src = tmp_path_factory.mktemp("src")
-  for name in ("pyproject.toml", "README.md", "LICENSE", "mmjax"):
+  for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "mmjax", "experiments"):
     copy = shutil.copytree if (lh.REPO / name).is_dir() else shutil.copy
     copy(lh.REPO / name, src / name)
   for cache in src.rglob("__pycache__"):
@@ -163,6 +163,7 @@ def test_the_wheel_carries_licences_types_and_the_vocabulary(wheel):
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
     metadata = z.read(f"mmjax-{mmjax.__version__}.dist-info/METADATA").decode()
+    entry_points = z.read(f"mmjax-{mmjax.__version__}.dist-info/entry_points.txt").decode()
   assert {"mmjax/py.typed", "mmjax/data/assets/bpe_simple_vocab_16e6.txt.gz",
           "mmjax/data/assets/LICENSE-bpe_simple_vocab_16e6.txt",
           f"mmjax-{mmjax.__version__}.dist-info/licenses/LICENSE"} <= names
@@ -170,21 +171,36 @@ def test_the_wheel_carries_licences_types_and_the_vocabulary(wheel):
   assert f"Version: {mmjax.__version__}" in metadata
   assert "Project-URL: Source, https://github.com/mmjax/mmjax" in metadata
   assert not any(n.startswith(("tests/", "experiments/", "tools/")) for n in names)
+  # The harness and its configs: python -m mmjax.launch --config=mnist_lenet, mmjax-launch.
+  assert {"mmjax/launch.py", "mmjax/experiments/__init__.py",
+          "mmjax/experiments/mnist_lenet.py"} <= names
+  assert "mmjax-launch = mmjax.launch:run" in entry_points
 
 
-@pytest.mark.slow
-def test_a_base_install_runs_a_users_model_without_the_harness(wheel, tmp_path):
-  venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-  python = venv / "bin" / "python"
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory):
+  """A fresh virtual environment with the wheel installed without extras: (python, the
+  distributions pip listed right after). A later test adds the [train] extra."""
+  root = tmp_path_factory.mktemp("venv")
+  subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=300)
+  python = root / "venv" / "bin" / "python"
   proc = subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)],
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"],
                           capture_output=True, text=True, check=True).stdout
-  installed = {_name(line) for line in listed.splitlines()}
+  return python, {_name(line) for line in listed.splitlines()}
+
+
+def _outside_the_checkout() -> dict[str, str]:
+  return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+
+
+@pytest.mark.slow
+def test_a_base_install_runs_a_users_model_without_the_harness(venv, tmp_path):
+  python, installed = venv
   assert not installed & set(HARNESS_DISTRIBUTIONS), installed & set(HARNESS_DISTRIBUTIONS)
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  env = _outside_the_checkout()
   proc = subprocess.run([str(python), "-c", REUSE], cwd=tmp_path, capture_output=True,
                         text=True, timeout=600, env=env)
   assert proc.returncode == 0 and "reuse ok" in proc.stdout, proc.stderr[-3000:]
@@ -192,3 +208,25 @@ def test_a_base_install_runs_a_users_model_without_the_harness(wheel, tmp_path):
                          "print(bpe.ClipTokenizer().encode(['a cat'])[0, :4].tolist())"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
   assert proc.stdout.strip() == "[49406, 320, 2368, 49407]", proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_train_extra_runs_the_lenet_smoke_with_python_m_mmjax_launch(venv, wheel, tmp_path):
+  """The same venv with `[train]` added: the packaged config, by module name."""
+  python, _ = venv
+  proc = subprocess.run([str(python), "-m", "pip", "install", "-q", f"{wheel}[train]"],
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  env = _outside_the_checkout()
+  assert "TFDS_DATA_DIR" in env, "needs a prepared TFDS directory (tests/conftest.py)"
+  proc = subprocess.run([str(python), "-m", "mmjax.launch", "--config=mnist_lenet:smoke",
+                         f"--workdir={tmp_path / 'w'}"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 20/20  loss " in proc.stderr and "eval 20  accuracy " in proc.stderr
+  assert lh.checkpoint_steps(tmp_path / "w") == [10, 20]
+  script = python.parent / "mmjax-launch"
+  proc = subprocess.run([str(script), "--config=mmjax.experiments.mnist_lenet",
+                         "--print_config"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=env)
+  assert proc.returncode == 0 and "num_train_steps: 4690" in proc.stdout, proc.stderr[-3000:]

@@ -289,29 +289,6 @@ def create_writer(workdir: str, is_main_process: bool) -> MetricWriter:
                       JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
-class ProgressLogger:
-  """`progress(step)` logs `step s/n (p%), r steps/s, ETA 2m31s` every `every_secs` seconds."""
-
-  def __init__(self, num_train_steps: int, every_secs: float = 30.0):
-    self._n, self._every = num_train_steps, every_secs
-    self._start: tuple[int, float] | None = None  # (step, time) of the first call.
-    self._last = 0.0
-
-  def __call__(self, step: int):
-    now = time.monotonic()
-    if self._start is None:
-      self._start, self._last = (step, now), now
-      return
-    if now - self._last < self._every:
-      return
-    self._last = now
-    rate = (step - self._start[0]) / (now - self._start[1])
-    eta = int(round((self._n - step) / rate)) if rate > 0 else 0
-    h, rest = divmod(eta, 3600)
-    logging.info("step %d/%d (%.1f%%), %.3g steps/s, ETA %s%dm%02ds", step, self._n,
-                 100 * step / self._n, rate, f"{h}h" if h else "", rest // 60, rest % 60)
-
-
 def read_jsonl(path: str) -> list[dict[str, float]]:
   """All rows of a metrics.jsonl file, in order."""
   with open(path, encoding="utf-8") as f:

@@ -35,6 +35,7 @@ from mmjax import evals
 from mmjax import parallel
 from mmjax.data import batching
 from mmjax.train import checkpoints
+from mmjax.train import console as console_lib
 from mmjax.train import guards
 from mmjax.train import memory
 from mmjax.train import metrics as metrics_lib
@@ -419,10 +420,10 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
     metrics_lib.truncate(workdir, run.step or 0)
   start = int(state.step)
 
-  writer = metrics_lib.create_writer(workdir, is_main)
+  console = _console(config, start, run.step, mngr.directory, is_main)
+  writer = metrics_lib.MultiWriter([metrics_lib.create_writer(workdir, is_main), console])
   train_step = jit_train_step(task, run.opt, mesh, jax.tree.map(lambda x: x.sharding, state))
   profile = throughput.ProfileWindow(config.get("profile_steps"), workdir)
-  progress = metrics_lib.ProgressLogger(config.num_train_steps, every_secs=30)
   out = _Outputs(config, workdir, mngr, writer, start)
   with _SigtermFlag() as sigterm:
     for step in range(start + 1, config.num_train_steps + 1):
@@ -438,7 +439,7 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
       sigterm.arm()
       profile.after_step(step, state)
       out.pending.append((step, step_metrics))
-      progress(step)
+      console.advance(step)
 
       is_last = step == config.num_train_steps
       preempted = sigterm.received or mngr.reached_preemption(step)
@@ -455,7 +456,20 @@ def _train(config, workdir, task, mesh) -> dict[str, float]:
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
+  console.close()
   return out.written
+
+
+def _console(config, start: int, restored: int | None, ckpt_dir: str,
+             is_main: bool) -> console_lib.Console:
+  """The run's console (`mmjax/train/console.py`): says where it starts, then shows a
+  line per logged step and, on a terminal, a progress bar."""
+  if is_main:
+    if restored is not None:
+      console_lib.info("Resumed from step %d in %s", restored, ckpt_dir)
+    else:
+      console_lib.info("Training %d steps (the first one compiles)", config.num_train_steps)
+  return console_lib.Console(config.num_train_steps, start, enabled=is_main)
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, task,
