@@ -52,6 +52,18 @@ def data(monkeypatch):
   return arrays
 
 
+@pytest.fixture(scope="module")
+def sd1():
+  """(config, task set up on the synthetic digits, mesh) of the smoke config on sd1_ddim."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline, "load_source",
+                  lambda dataset_config, split: pipeline.ArraySource(_digits()))
+    config = _config()
+    task, mesh = _task(config)
+    task.setup()
+  return config, task, mesh
+
+
 def _config(folder=SD1, arg="smoke", **fields):
   c = sd_finetune.get_config(arg)
   c.init_from = str(folder) if folder else ""
@@ -84,12 +96,10 @@ def test_init_from_is_required_and_the_vae_must_stay_frozen(data):
     _task(c)
 
 
-def test_the_state_starts_at_the_folders_weights_and_exports_them_unchanged(data, tmp_path):
+def test_the_state_starts_at_the_folders_weights_and_exports_them_unchanged(sd1, tmp_path):
   """Step 0: the U-Net, text encoder and VAE are the folder's; VAE and text encoder frozen;
   exporting those parameters writes the source files' tensors exactly."""
-  config = _config()
-  task, mesh = _task(config)
-  task.setup()
+  config, task, mesh = sd1
   state, opt = trainer.create_train_state(config, task, mesh)
   params = jax.device_get(state.params)
   _, unet, _ = sd_pipeline.load_unet(SD1 / "unet")
@@ -112,11 +122,10 @@ def test_the_state_starts_at_the_folders_weights_and_exports_them_unchanged(data
     sd_export.export_pipeline(SD1, out, params)
 
 
-def test_batches_templated_and_from_captions(data):
+def test_batches_templated_and_from_captions(sd1, data):
   """Grey 28x28 digits -> RGB 16x16 in [-1, 1] with templated captions; make_dataset-style
   RGB pairs -> their own captions; both tokenized by the folder's tokenizer (77 ids)."""
-  task, _ = _task(_config())
-  task.setup()
+  _, task, _ = sd1
   assert task.image_size == 16 and task.prediction_type == "eps"
   batch = task.train_preprocess({**pipeline.gather(task.train_source, np.arange(8)),
                                  "position": np.arange(8)})
