@@ -24,10 +24,16 @@ empty: $TFDS_DATA_DIR), smoke (4 steps of 8 images and 2 sampling steps, for a t
 pipeline such as tests/fixtures/sd_tiny/sd1_ddim; its time is mostly compilation).
 
 `--config.init_from` is required (no default): a run without it stops with one line
-saying so. Expected result: train/loss (the noise-prediction MSE, about 1 for an
-untrained U-Net) falls, and the sample grids drift from the pipeline's own images
-towards the training images. Measured on the random tiny fixture only (see
-docs/stable_diffusion.md); no real pipeline was fine-tuned here.
+saying so. Expected result: train/loss (the noise-prediction MSE) falls. Measured on
+the random tiny fixture only (no real pipeline was fine-tuned here), on MNIST:
+0.96 at step 50 to 0.23 at step 300 with
+
+  python launch.py --config=experiments/sd_finetune.py --workdir=/tmp/sd_mnist_tiny \
+      --config.init_from=tests/fixtures/sd_tiny/sd1_ddim --config.num_train_steps=300 \
+      --config.log_every_steps=50 --config.optimizer.learning_rate=1e-3 \
+      --config.dataset.train_split='train[:10000]'
+
+(its samples are noise: the fixture's VAE is random).
 """
 from mmjax import configs
 
