@@ -233,7 +233,7 @@ def test_unknown_task_lists_every_task():
     tasks.get_task(config, None)
   for name in tasks.TASKS:
     assert repr(name) in str(e.value)
-  assert len(tasks.TASKS) == 6
+  assert len(tasks.TASKS) == 7
 
 
 def test_log_rows_carry_throughput_and_mfu_and_a_profile_window(tmp_path):

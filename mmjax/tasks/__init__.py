@@ -9,6 +9,7 @@ TASKS = {
     "ldm": "mmjax.tasks.ldm:LatentDiffusionTask",
     "vqa": "mmjax.tasks.vqa:VqaTask",
     "imagebert": "mmjax.tasks.imagebert:ImageBertTask",
+    "sd": "mmjax.tasks.sd:StableDiffusionTask",
 }
 
 
