@@ -65,6 +65,8 @@ def test_every_experiments_task_offers_what_its_evaluators_need(name):
   """Each evaluator's `task` argument names a tasks.base Protocol; the experiment's task
   has every member of it (checked without setting the task up)."""
   config = importlib.import_module(f"experiments.{name}").get_config("smoke")
+  if name == "sd_finetune":  # It needs a pipeline folder: the tiny fixture.
+    config.init_from = str(REPO / "tests/fixtures/sd_tiny/sd1_ddim")
   task = tasks.get_task(config, parallel.make_mesh())
   assert config.evals, name
   for eval_name, fields in config.evals.items():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from experiments import sd_finetune
-from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.interop import common
 from mmjax.interop import sd_export
 from mmjax.interop import sd_pipeline
@@ -47,8 +47,8 @@ def _pairs(n=64):
 def data(monkeypatch):
   """Replaces the dataset with synthetic arrays; returns a setter for which ones."""
   arrays = {"value": _digits()}
-  monkeypatch.setattr(pipeline, "load_source",
-                      lambda dataset_config, split: pipeline.ArraySource(arrays["value"]))
+  monkeypatch.setattr(sources, "load_source",
+                      lambda dataset_config, split: sources.ArraySource(arrays["value"]))
   return arrays
 
 
@@ -56,8 +56,8 @@ def data(monkeypatch):
 def sd1():
   """(config, task set up on the synthetic digits, mesh) of the smoke config on sd1_ddim."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pipeline, "load_source",
-                  lambda dataset_config, split: pipeline.ArraySource(_digits()))
+    patch.setattr(sources, "load_source",
+                  lambda dataset_config, split: sources.ArraySource(_digits()))
     config = _config()
     task, mesh = _task(config)
     task.setup()
@@ -127,7 +127,7 @@ def test_batches_templated_and_from_captions(sd1, data):
   RGB pairs -> their own captions; both tokenized by the folder's tokenizer (77 ids)."""
   _, task, _ = sd1
   assert task.image_size == 16 and task.prediction_type == "eps"
-  batch = task.train_preprocess({**pipeline.gather(task.train_source, np.arange(8)),
+  batch = task.train_preprocess({**sources.gather(task.train_source, np.arange(8)),
                                  "position": np.arange(8)})
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
   assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
@@ -136,7 +136,7 @@ def test_batches_templated_and_from_captions(sd1, data):
   texts = task.texts({"label": labels, "position": np.arange(8)}, train=False)
   assert all(t and task.class_names[y] in t for t, y in zip(texts, labels))
   assert batch["tokens"].shape == (8, 77)
-  eval_batch = task.eval_preprocess({**pipeline.gather(task.train_source, np.arange(8)),
+  eval_batch = task.eval_preprocess({**sources.gather(task.train_source, np.arange(8)),
                                      "position": np.arange(8)})
   np.testing.assert_array_equal(eval_batch["tokens"], task.pipe.tokenizer.encode(texts))
 
@@ -146,7 +146,7 @@ def test_batches_templated_and_from_captions(sd1, data):
   task, _ = _task(c)
   task.setup()
   assert task.prediction_type == "v"  # sd2_euler's scheduler: v_prediction.
-  batch = task.train_preprocess({**pipeline.gather(task.train_source, np.arange(6)),
+  batch = task.train_preprocess({**sources.gather(task.train_source, np.arange(6)),
                                  "position": np.arange(6)})
   assert batch["image"].shape == (6, 16, 16, 3)
   want = [f"a {w}" for w in ("red circle", "blue square", "green triangle")] * 2

@@ -35,6 +35,7 @@ diffusers (a scale g > 1 guides; g <= 1 is the conditional prediction alone).
 """
 import functools
 import os
+import re
 
 from absl import logging
 import jax
@@ -42,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import captions
-from mmjax.data import pipeline
+from mmjax.data import image as image_lib
+from mmjax.data import seeded
 from mmjax import diffusion
 from mmjax.models import autoencoder as ae_lib
 from mmjax.tasks import base
@@ -156,9 +158,10 @@ class StableDiffusionTask(base.Task):
                  sched.name, sched.prediction_type, self.image_size, self.image_size)
 
   def _check_frozen(self):
-    from mmjax.train import optim  # pylint: disable=import-outside-toplevel
-    frozen = optim.frozen_mask(self.loaded, self.config.get("frozen", ()))
-    if not all(jax.tree.leaves(frozen["vae"])):
+    patterns = tuple(self.config.get("frozen", ()))
+    paths = ["vae/" + "/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(self.loaded["vae"])[0]]
+    if not all(any(re.fullmatch(p, path) for p in patterns) for path in paths):
       raise ValueError(f"config.frozen={tuple(self.config.frozen)!r} leaves VAE parameters "
                        f"trained: the diffusion loss would shrink its latents. Add 'vae/.*'.")
 
@@ -169,17 +172,17 @@ class StableDiffusionTask(base.Task):
       texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                for t in batch["caption"].tolist()]
     else:
-      ids = captions.template_choice(batch["position"], len(self.templates), self.config.seed)
+      ids = seeded.choice(batch["position"], len(self.templates), self.config.seed)
       texts = [self.templates[t].format(self.class_names[y])
                for y, t in zip(batch["label"].tolist(), ids.tolist())]
     if train and self.cond_drop_prob > 0:
-      drop = captions.position_uniform(batch["position"], self.config.seed + 1)
+      drop = seeded.uniform(batch["position"], self.config.seed + 1)
       texts = ["" if d < self.cond_drop_prob else t for t, d in zip(texts, drop)]
     return texts
 
   def preprocess(self, batch, train: bool):
     """Examples -> {"image": [b, size, size, 3] in [-1, 1], "tokens": [b, 77] int32}."""
-    images = pipeline.crop_and_resize(
+    images = image_lib.crop_and_resize(
         batch["image"], self.image_size, positions=batch["position"] if train else None,
         seed=self.config.seed, min_fraction=self.min_crop if train else 1.0, channels=3)
     return {"image": to_unit_range(images),
