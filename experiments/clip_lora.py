@@ -5,7 +5,8 @@ experiments/clip_mnist.py's; the model config here is that one's) and stays froz
 low-rank adapters (mmjax/lora.py) beside the attention projections (query, key, value,
 out) of both towers train with the contrastive loss on Fashion-MNIST's captions
 ("a product photo of a sneaker", ...). `targets=attention_mlp` adapts the towers' MLP
-kernels too. The log line "Parameters: N (M frozen)" gives the trained share;
+kernels too, `targets=attention_mlp_proj` also the projections into the joint space
+(use rank=2 with either to stay under 5% of the parameters). The log line "Parameters: N (M frozen)" gives the trained share;
 tools/checkpoint_bytes.py the optimizer state's size in the checkpoint.
 
 Commands:
@@ -23,7 +24,9 @@ from mmjax import configs
 
 ATTENTION = (".*_tower/.*/attention/(query|key|value|out)/kernel",)
 MLP = (".*_tower/.*/mlp/fc[12]/kernel",)
-TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP}
+PROJECTIONS = ("(image|text)_proj/kernel",)
+TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
+           "attention_mlp_proj": ATTENTION + MLP + PROJECTIONS}
 
 
 def get_config(arg=None):
