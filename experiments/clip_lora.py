@@ -6,19 +6,26 @@ low-rank adapters (mmjax/lora.py) beside the attention projections (query, key, 
 out) of both towers train with the contrastive loss on Fashion-MNIST's captions
 ("a product photo of a sneaker", ...). `targets=attention_mlp` adapts the towers' MLP
 kernels too, `targets=attention_mlp_proj` also the projections into the joint space
-(use rank=2 with either to stay under 5% of the parameters). The log line "Parameters: N (M frozen)" gives the trained share;
-tools/checkpoint_bytes.py the optimizer state's size in the checkpoint.
+(rank=2 with either keeps the trained share under 5%). The log line "Parameters: N
+(M frozen)" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
+size in the checkpoint against a full training run's.
 
 Commands:
   python launch.py --config=experiments/clip_mnist.py --workdir=workdirs/clip_mnist
   python launch.py --config=experiments/clip_lora.py:clip_workdir=workdirs/clip_mnist \
     --workdir=workdirs/clip_lora
+  python launch.py --workdir=workdirs/clip_lora_amp --config.optimizer.learning_rate=5e-3 \
+    --config=experiments/clip_lora.py:clip_workdir=workdirs/clip_mnist,targets=attention_mlp_proj,rank=2
   python launch.py --config=experiments/clip_lora.py:smoke,clip_workdir=/tmp/clip_smoke \
     --workdir=/tmp/clip_lora_smoke
-  python tools/checkpoint_bytes.py workdirs/clip_lora
+  python tools/checkpoint_bytes.py workdirs/clip_mnist workdirs/clip_lora
 
-Expected result: see docs/lora.md's measured table (eval/zeroshot_top1 on
-Fashion-MNIST's test split, held-out templates; training from scratch reaches 0.89).
+Expected result (eval/zeroshot_top1 on Fashion-MNIST's test split, held-out templates,
+from a CLIP MNIST run at 0.98): about 0.69 after the 600 steps with the default
+attention adapters (3.3% of the parameters trained), about 0.77 with
+`targets=attention_mlp_proj,rank=2 --config.optimizer.learning_rate=5e-3` (3.9%);
+training from scratch reaches 0.89. The optimizer state is 3.4% of full training's.
+docs/lora.md has the measured figures.
 """
 from mmjax import configs
 

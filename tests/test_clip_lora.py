@@ -45,17 +45,21 @@ def test_config_and_smoke_resolve():
     _config("clip_lora", "targets=all")
 
 
-@pytest.mark.parametrize("arg, per_layer", [
-    ("", ("query", "key", "value", "out")),
-    ("targets=attention_mlp,rank=2", ("query", "key", "value", "out", "fc1", "fc2")),
+ATTENTION, MLP = ("query", "key", "value", "out"), ("fc1", "fc2")
+
+
+@pytest.mark.parametrize("arg, per_layer, outside", [
+    ("", ATTENTION, ()),
+    ("targets=attention_mlp,rank=2", ATTENTION + MLP, ()),
+    ("targets=attention_mlp_proj,rank=2", ATTENTION + MLP, ("image_proj", "text_proj")),
 ])
-def test_adapters_on_both_towers_train_at_most_5_percent(arg, per_layer):
+def test_adapters_on_both_towers_train_at_most_5_percent(arg, per_layer, outside):
   kernels, (adapter, total) = _adapted_kernels(_config("clip_lora", arg))
   # mu/4 image tower: 2 blocks; text tower: 1 block.
-  expected = {f"{tower}_tower/encoder/block{i}/{'attention' if m not in ('fc1', 'fc2') else 'mlp'}"
-              f"/{m}/kernel" for tower, depth in (("image", 2), ("text", 1))
-              for i in range(depth) for m in per_layer}
-  assert set(kernels) == expected
+  expected = {f"{tower}_tower/encoder/block{i}/{'mlp' if m in MLP else 'attention'}/{m}/kernel"
+              for tower, depth in (("image", 2), ("text", 1)) for i in range(depth)
+              for m in per_layer}
+  assert set(kernels) == expected | {f"{p}/kernel" for p in outside}
   assert 0 < adapter <= 0.05 * total
 
 
