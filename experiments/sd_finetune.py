@@ -28,7 +28,7 @@ saying so. Expected result: train/loss (the noise-prediction MSE) falls. Measure
 the random tiny fixture only (no real pipeline was fine-tuned here), on MNIST:
 0.96 at step 50 to 0.23 at step 300 with
 
-  python launch.py --config=experiments/sd_finetune.py --workdir=/tmp/sd_mnist_tiny \
+  python launch.py --config=experiments/sd_finetune.py --workdir=workdirs/sd_mnist_tiny \
       --config.init_from=tests/fixtures/sd_tiny/sd1_ddim --config.num_train_steps=300 \
       --config.log_every_steps=50 --config.optimizer.learning_rate=1e-3 \
       --config.dataset.train_split='train[:10000]'
