@@ -57,6 +57,7 @@ def example_bytes(task, n: int = 2) -> float | None:
   `n` examples of `task.train_source` through `task.train_preprocess`; None for a task
   that makes its batches another way (its own `train_dataset`)."""
   from mmjax.tasks import base  # pylint: disable=import-outside-toplevel
+  task = getattr(task, "inner", task)  # A LoRA-adapted task batches as the task it wraps.
   source = getattr(task, "train_source", None)
   if (source is None or type(task).train_dataset is not base.Task.train_dataset
       or len(source) == 0):
