@@ -48,9 +48,7 @@ def get_config(arg=None):
   configs.clip_fields(c)
 
   # experiments/clip_mnist.py's model: the warm start needs its shapes.
-  c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
-                 text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64,
-                 dropout_rate=0.0, patch_dropout=0.0)
+  c.model = configs.clip_mnist_model()
   c.warm_start.workdir = arg.clip_workdir
   c.lora = dict(rank=arg.rank, alpha=2.0 * arg.rank, targets=TARGETS[arg.targets],
                 dropout=0.0)

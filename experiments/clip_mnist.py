@@ -38,9 +38,7 @@ def get_config(arg=None):
   # The text tower only has to tell a few dozen captions apart: one layer is enough.
   # dropout_rate: attention and residual dropout in training (--config.model.dropout_rate);
   # patch_dropout: FLIP's share of image patches dropped in training.
-  c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
-                 text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64,
-                 dropout_rate=0.0, patch_dropout=0.0)
+  c.model = configs.clip_mnist_model()
   # 2500 steps: 10.7 epochs of 60,000 pairs.
   configs.set_steps(c, batch=256, eval_batch=1024, steps=2500, log_every=100,
                     eval_every=1250, checkpoint_every=500)

@@ -39,9 +39,7 @@ def get_config(arg=None):
   configs.clip_fields(c)
 
   # experiments/clip_mnist.py's model: the image tower must have its shapes.
-  c.model = dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
-                 text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64,
-                 dropout_rate=0.0, patch_dropout=0.0)
+  c.model = configs.clip_mnist_model()
   # The locked tower: from the CLIP run's workdir (or config.init_from's file, whose text
   # tower then restarts from random unless text=loaded).
   c.warm_start.workdir = arg.clip_workdir

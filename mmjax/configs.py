@@ -183,3 +183,11 @@ def clip_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.zeroshot = ml_collections.ConfigDict(dict(class_names=(), templates=(), template_set=""))
   c.image = ml_collections.ConfigDict(dict(size=0, min_crop=1.0, mean=(), std=()))
   return c
+
+
+def clip_mnist_model() -> dict:
+  """experiments/clip_mnist.py's CLIP (ViT mu/4, a one-layer text tower, width 64): also
+  the model of the experiments that start from its runs (LiT, LoRA)."""
+  return dict(image_variant="mu/4", image_pool="gap", text_width=64, text_depth=1,
+              text_heads=4, text_mlp_dim=256, max_text_len=36, embed_dim=64,
+              dropout_rate=0.0, patch_dropout=0.0)
