@@ -86,7 +86,7 @@ def test_a_huge_finite_checkpoint_is_restored_not_moved_away(tmp_path):
   assert not bool(checkpoints.all_finite(huge)) and bool(checkpoints.exactly_finite(huge))
   mngr = checkpoints.manager(str(tmp_path), 3)
   mngr.save(4, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(huge)))
+      state=ocp.args.PyTreeSave(huge)))
   mngr.wait_until_finished()
   restored, step = checkpoints.restore_latest(mngr, state)
   mngr.close()
