@@ -32,8 +32,10 @@ from mmjax import configs
 ATTENTION = (".*_tower/.*/attention/(query|key|value|out)/kernel",)
 MLP = (".*_tower/.*/mlp/fc[12]/kernel",)
 PROJECTIONS = ("(image|text)_proj/kernel",)
+PATCHES = ("image_tower/embedding/kernel",)  # The patch embedding: a 4x4 conv, as [16, width].
 TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
-           "attention_mlp_proj": ATTENTION + MLP + PROJECTIONS}
+           "attention_mlp_proj": ATTENTION + MLP + PROJECTIONS,
+           "attention_mlp_proj_patch": ATTENTION + MLP + PROJECTIONS + PATCHES}
 
 
 def get_config(arg=None):

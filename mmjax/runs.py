@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,6 +19,27 @@ def read_config(workdir: str) -> dict:
   """The config an earlier run wrote into its workdir, as a dict."""
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     return json.load(f)
+
+
+def state_metadata(item: str):
+  """The array metadata (shape, dtype) tree of a checkpoint's `state` item (the
+  directory `checkpoints/<step>/state`), or None where it has none."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(epath.Path(item))
+  finally:
+    handler.close()
+  return getattr(metadata, "tree", metadata)
+
+
+def restore_state(item: str, abstract):
+  """The `state` item at `item`, restored to `abstract`'s shapes, dtypes and shardings."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(epath.Path(item), args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+  finally:
+    handler.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +100,10 @@ def load_run(workdir: str, *, task: str | None = None, field: str = "workdir",
   if step is None:
     raise FileNotFoundError(f"config.{field}={workdir!r} has no checkpoint in {directory}: "
                             f"let that run finish (or save one) first.")
-  checkpointer = ocp.StandardCheckpointer()
   item = os.path.join(directory, str(step), "state")
-  metadata = checkpointer.metadata(item)
-  metadata = getattr(metadata, "item_metadata", metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          metadata)
-  state = checkpointer.restore(item, abstract)
-  checkpointer.close()
+                          state_metadata(item))
+  state = restore_state(item, abstract)
   return Run(workdir=workdir, config=config, step=int(step), params=state["params"],
              extras=state["extras"])

@@ -14,6 +14,8 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax import runs
+
 ADAPTER_NAMES = ("lora_a", "lora_b")  # mmjax.lora's leaf names.
 
 
@@ -49,11 +51,7 @@ def checkpoint_bytes(workdir: str, step: int | None = None) -> dict[str, int]:
   mngr.close()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no checkpoint yet.")
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(os.path.join(directory, str(step), "state"))
-  checkpointer.close()
-  metadata = getattr(metadata, "item_metadata", metadata)
-  metadata = getattr(metadata, "tree", metadata)
+  metadata = runs.state_metadata(os.path.join(directory, str(step), "state"))
   out = {"step": int(step), "params": 0, "adapters": 0, "opt_state": 0, "other": 0}
   for path, leaf in _leaves(dict(metadata)):
     n = _nbytes(leaf)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax import runs
+
 
 class WorkdirLocked(RuntimeError):
   """Another live process holds the workdir's lock file."""
@@ -160,12 +162,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, state, train_iter=None):
   truncated file) is raised as it is.
   """
   item = os.path.join(str(mngr.directory), str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    metadata = checkpointer.metadata(item)
-  finally:
-    checkpointer.close()
-  metadata = getattr(metadata, "item_metadata", metadata)
+  metadata = runs.state_metadata(item)
   if metadata is None or not jax.tree.leaves(metadata):
     raise FileNotFoundError(f"{item} has no readable metadata (_METADATA missing?)")
   if _shapes(metadata) != _shapes(state):
