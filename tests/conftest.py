@@ -39,23 +39,26 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
 
 
-# XLA's CPU code generation for fusions: the newer MLIR "fusion emitters" (XLA's default)
-# take about 5x as long to compile the tests' small programs as the loop emitters they
-# replace, and the programs run as fast either way. Off while jax_disable_most_optimizations
-# is on (see fast_compilation), so only the unit tests' compilations change.
-_FAST_TIER_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-_compile_options_patched = False
+# Every test compiles fast: the tests' programs are small and their runs short (the
+# end-to-end runs are 20-step smoke runs), so compiling is most of their time.
+# - jax_disable_most_optimizations (set here, so launch.py subprocesses inherit it):
+#   about 40% less compile time; float32-tolerance comparisons do not depend on it.
+# - XLA's CPU code generation for fusions: the newer MLIR "fusion emitters" (XLA's
+#   default) take about 5x as long to compile these programs as the loop emitters they
+#   replace, and the programs run as fast either way. Turned off for this process's
+#   compilations and, through XLA_FLAGS, for its subprocesses', once this XLA is known
+#   to accept the option (see _use_loop_emitters).
+# The experiments' real runs (docs/results.md) compile as a researcher's run does.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+LOOP_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
-def _patch_compile_options():
-  """Adds _FAST_TIER_COMPILE_OPTIONS to every compilation made while
-  jax_disable_most_optimizations is on (a jit's own compiler_options win). They are part
-  of the options JAX hashes into the persistent cache's key, so slow tests never get a
-  program compiled with them. Left alone if JAX or XLA no longer have these hooks."""
-  global _compile_options_patched  # pylint: disable=global-statement
-  if _compile_options_patched:
-    return
-  _compile_options_patched = True
+def _use_loop_emitters():
+  """Adds _COMPILE_OPTIONS to every compilation of this process (a jit's own
+  compiler_options win; they are part of the persistent cache's key) and
+  LOOP_EMITTERS_FLAG to the XLA_FLAGS subprocesses inherit. Left alone if JAX or XLA
+  no longer have these hooks or this option."""
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import compiler  # pylint: disable=import-outside-toplevel
   original = getattr(compiler, "get_compile_options", None)
@@ -63,30 +66,19 @@ def _patch_compile_options():
     return
 
   def get_compile_options(*args, env_options_overrides=None, **kwargs):
-    if jax.config.values["jax_disable_most_optimizations"]:
-      env_options_overrides = {**_FAST_TIER_COMPILE_OPTIONS, **(env_options_overrides or {})}
+    env_options_overrides = {**_COMPILE_OPTIONS, **(env_options_overrides or {})}
     return original(*args, env_options_overrides=env_options_overrides, **kwargs)
 
   compiler.get_compile_options = get_compile_options
   try:  # An XLA without the option refuses it: then compile as before.
-    jax.jit(lambda x: x + 1).lower(1.0).compile(_FAST_TIER_COMPILE_OPTIONS)
+    jax.jit(lambda x: x + 1).lower(1.0).compile(_COMPILE_OPTIONS)
   except Exception:  # pylint: disable=broad-except
     compiler.get_compile_options = original
-
-
-@pytest.fixture(autouse=True)
-def fast_compilation(request):
-  """Unit tests (not marked `slow`) compile with XLA's most optimisations off: their
-  programs are tiny and compiling is most of their time (~40% less of it), and
-  float32-tolerance comparisons do not depend on fusion. They also compile fusions with
-  XLA's CPU loop emitters (_FAST_TIER_COMPILE_OPTIONS). The `slow` end-to-end runs, which
-  train for real, keep the optimisations and code generation a researcher's run has."""
-  if request.node.get_closest_marker("slow"):
-    yield
     return
-  import jax  # pylint: disable=import-outside-toplevel
-  _patch_compile_options()
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LOOP_EMITTERS_FLAG}".strip()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_compilation():
+  _use_loop_emitters()
   yield
-  jax.config.update("jax_disable_most_optimizations", previous)

@@ -18,7 +18,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def env_with_devices(n: int) -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
   env["PYTHONUNBUFFERED"] = "1"
   return env
 

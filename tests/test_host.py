@@ -32,7 +32,8 @@ def _faults_per_call(mode: str) -> tuple[str, float]:
   """(whether applied, the fewest page faults of 9 calls after the first): with glibc's
   defaults every call faults; with reuse the heap settles after a few calls (until
   then a call may still map more) and calls take none."""
-  env = dict(os.environ, MMJAX_HOST_MALLOC=mode, XLA_FLAGS="")
+  # Optimised as a run's step is (conftest turns most optimisations off for the tests).
+  env = dict(os.environ, MMJAX_HOST_MALLOC=mode, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, check=True,
                        capture_output=True, text=True).stdout.split()
   return out[-2], float(out[-1])

@@ -3,10 +3,11 @@ WebDataset tar shards), train CLIP a few steps, evaluate retrieval on the valida
 
 The data is made on the fly by tools/make_shapes.py: 64 coloured shapes of 32x32.
 """
+import contextlib
+import importlib.util
+import io
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +21,12 @@ N = 64
 
 
 def _shapes(out, *args):
-  subprocess.run([sys.executable, str(lh.REPO / "tools" / "make_shapes.py"), f"--output={out}",
-                  f"--num={N}", "--size=32", *args], check=True, capture_output=True)
+  spec = importlib.util.spec_from_file_location("make_shapes",
+                                                lh.REPO / "tools" / "make_shapes.py")
+  make_shapes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_shapes)
+  with contextlib.redirect_stdout(io.StringIO()):
+    make_shapes.main([f"--output={out}", f"--num={N}", "--size=32", *args])
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +43,12 @@ def converted(tmp_path_factory):
   data_dir = root / "tfds"
   folder = make_dataset.convert(str(root / "folder"), str(data_dir), "shapes_folder",
                                 val_fraction=0.25, image_size=32)
-  # The command line, on the shards (a glob), as the README shows it.
-  proc = subprocess.run(
-      [sys.executable, "-m", "mmjax.data.make_dataset", f"--input={root / 'wds'}/*.tar",
-       f"--output_dir={data_dir}", "--name=shapes_wds", "--val_fraction=0.25",
-       "--image_size=24"], cwd=lh.REPO, check=True, capture_output=True, text=True)
-  return data_dir, folder, proc.stdout
+  # The command line's arguments, on the shards (a glob), as the README shows them.
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    make_dataset.main([f"--input={root / 'wds'}/*.tar", f"--output_dir={data_dir}",
+                       "--name=shapes_wds", "--val_fraction=0.25", "--image_size=24"])
+  return data_dir, folder, stdout.getvalue()
 
 
 def test_folder_conversion_reports_what_it_skipped(converted):

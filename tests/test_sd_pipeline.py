@@ -249,8 +249,7 @@ def test_generate_rejects_bad_inputs(pipes):
 # --- the command ---
 
 def _run_generate(*args):
-  # The unit tests' compilation setting (see conftest.fast_compilation), in the child.
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=os.pathsep.join(
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(FIXTURES.parents[2])] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
   return subprocess.run([sys.executable, "-m", "mmjax.generate", *args], env=env,
                         capture_output=True, text=True, timeout=600, check=False)

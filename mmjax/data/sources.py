@@ -267,14 +267,16 @@ def _download_urls(builder) -> list[str]:
     return []
 
 
-def unreachable_hosts(urls, timeout: float = PROBE_TIMEOUT_S) -> dict[str, str]:
+def unreachable_hosts(urls, timeout: float | None = None) -> dict[str, str]:
   """{host: why} for the http(s) hosts among `urls` that do not answer in time.
 
   One GET per scheme and host, all at once, each waiting at most `timeout` seconds
+  (None: PROBE_TIMEOUT_S)
   for the connection and for the response headers; 2 * `timeout` in all (a name
   lookup that hangs counts as no answer). Any HTTP status counts as an answer except
   500, 502, 503 and 504, which TFDS would retry for minutes.
   """
+  timeout = PROBE_TIMEOUT_S if timeout is None else timeout
   first = {}
   for url in urls:
     parts = urllib.parse.urlsplit(url)
