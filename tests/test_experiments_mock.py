@@ -41,7 +41,7 @@ def _config(name, arg):
 
 @pytest.mark.parametrize("name, arg, key", [
     ("mnist_lenet", "smoke", "eval/accuracy"),
-    ("clip_mnist", "smoke", "eval/zeroshot_top1"),
+    pytest.param("clip_mnist", "smoke", "eval/zeroshot_top1", marks=pytest.mark.slow),
 ])
 def test_experiment_on_synthetic_data(tmp_path, name, arg, key):
   config = _config(name, arg)

@@ -62,6 +62,7 @@ def _loaded():
   return open_clip.load(WEIGHTS, **LOAD)
 
 
+@pytest.mark.slow  # Training runs.
 @pytest.mark.parametrize("name", ["vqa", "imagebert"])
 def test_starts_from_the_files_image_tower_and_trains(name, synthetic_mnist, loaded):
   clip, clip_params = loaded

@@ -39,6 +39,7 @@ def _faults_per_call(mode: str) -> tuple[str, float]:
   return out[-2], float(out[-1])
 
 
+@pytest.mark.slow  # Two subprocesses, each with a 64 MB step.
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reused_memory_takes_no_page_faults_per_step():
   applied, default = _faults_per_call("default")

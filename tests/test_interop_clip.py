@@ -155,7 +155,9 @@ def test_not_safetensors_and_missing_arguments(tmp_path):
 REAL = json.loads((FIXTURES / "open_clip_shapes.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(REAL))
+# The smallest and the largest in the fast tier; the others alike in the slow one.
+@pytest.mark.parametrize("name", [n if n in ("ViT-B-32", "ViT-bigG-14") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in sorted(REAL)])
 def test_real_sizes_are_inferred_and_mapped(name):
   """open_clip's own B/32 ... bigG/14 keys and shapes (no weights): sizes, heads, tree."""
   shapes = {k: tuple(s) for k, s in REAL[name]["shapes"].items()}

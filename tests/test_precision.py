@@ -148,6 +148,7 @@ def _shapes(tree):
   return jax.tree.map(lambda x: x.shape, tree)
 
 
+@pytest.mark.slow  # Compiles several models: among the fast tier's costliest.
 def test_remat_and_scanned_towers_change_no_loss_and_no_gradient():
   model, inputs = MODELS["clip"](depth=2)  # A 2-block ViT and a 2-block text Transformer.
   params = _params(model, *inputs)
@@ -164,6 +165,7 @@ def test_remat_and_scanned_towers_change_no_loss_and_no_gradient():
   _assert_trees_close(grads_s, _stacked(grads, depth=2))
 
 
+@pytest.mark.slow  # Compiles several models: among the fast tier's costliest.
 def test_unet_remat_changes_no_gradient_and_no_parameter():
   model, inputs = MODELS["unet"]()
   params = _params(model, *inputs)

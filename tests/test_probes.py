@@ -21,6 +21,7 @@ def _clusters(n_per_class, classes=5, dim=16, spread=0.3, seed=0):
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y.astype(np.int32)
 
 
+@pytest.mark.slow  # Compiles an L-BFGS loop.
 def test_logistic_regression_reaches_the_optimum():
   x, y = _clusters(60, spread=1.0, seed=1)  # The shapes of the next test: compiled once.
   p = linear_probe.fit_logistic(x, y, 1e-2, 5, 100, np.ones(len(x), np.float32))

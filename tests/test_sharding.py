@@ -143,6 +143,7 @@ def _clip_config(loss):
   return c
 
 
+@pytest.mark.slow  # Two CLIP train steps in one program on 4 devices.
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 def test_contrastive_accumulation_keeps_the_global_batch_as_negatives(loss):
   """GradCache: grad_accum_steps=4 on 4 devices gives the loss and gradients of one pass."""

@@ -73,6 +73,7 @@ def test_split_image_cuts_cells_in_reading_order():
   np.testing.assert_array_equal(vlm.split_image(jnp.asarray(grid), 2), cells.reshape(8, 3, 3, 1))
 
 
+@pytest.mark.slow  # Compiles several models: among the fast tier's costliest.
 def test_logits_are_causal_and_left_padding_does_not_shift_positions():
   model, params = _tiny()
   apply = _apply(model)
@@ -96,7 +97,7 @@ def test_logits_are_causal_and_left_padding_does_not_shift_positions():
 SPLIT = dict(vision_variant="mu/4", image_split=2, num_latents=2)
 
 
-@pytest.mark.parametrize("vision", [{}, SPLIT])
+@pytest.mark.parametrize("vision", [{}, pytest.param(SPLIT, marks=pytest.mark.slow)])
 def test_cached_greedy_decoding_equals_uncached(vision):
   model, params = _tiny(**vision)
   prompts = jnp.asarray(vqa.encode_prompts(QUESTIONS, 28))
@@ -134,6 +135,7 @@ def test_generation_stops_at_eos_and_pads_after_it():
     np.testing.assert_array_equal(out, [[tokenizer.EOS] + [tokenizer.PAD] * (NEW_TOKENS - 1)] * 4)
 
 
+@pytest.mark.slow  # Compiles several models: among the fast tier's costliest.
 def test_prefill_and_decode_step_match_the_full_forward_pass():
   model, params = _tiny()
   variables = {"params": params}
