@@ -5,8 +5,9 @@ experiments/clip_mnist.py's; the model config here is that one's) and stays froz
 low-rank adapters (mmjax/lora.py) beside the attention projections (query, key, value,
 out) of both towers train with the contrastive loss on Fashion-MNIST's captions
 ("a product photo of a sneaker", ...). `targets=attention_mlp` adapts the towers' MLP
-kernels too, `targets=attention_mlp_proj` also the projections into the joint space
-(rank=2 with either keeps the trained share under 5%). The log line "Parameters: N
+kernels too, `targets=attention_mlp_proj` also the projections into the joint space,
+`targets=attention_mlp_proj_patch` also the patch embedding (rank=2 with any of these
+keeps the trained share under 5%). The log line "Parameters: N
 (M frozen)" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
 size in the checkpoint against a full training run's.
 
@@ -23,7 +24,8 @@ Commands:
 Expected result (eval/zeroshot_top1 on Fashion-MNIST's test split, held-out templates,
 from a CLIP MNIST run at 0.98): about 0.69 after the 600 steps with the default
 attention adapters (3.3% of the parameters trained), about 0.76 with
-`targets=attention_mlp_proj,rank=2 --config.optimizer.learning_rate=5e-3` (3.9%);
+`targets=attention_mlp_proj,rank=2 --config.optimizer.learning_rate=5e-3` (3.9%), 0.77
+with `targets=attention_mlp_proj_patch` (4.0%);
 training from scratch reaches 0.89. The optimizer state is 3.4% of full training's.
 docs/lora.md has the measured figures.
 """

@@ -27,11 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Test files whose runs take longest start first, so that with `pytest -n 2 --dist
 # loadfile` (the README's command) no long file is left running alone at the end.
-SLOW_FILES = ("test_packaging.py", "test_ldm.py", "test_sd_finetune.py", "test_launch.py",
-              "test_hf_clip_task.py", "test_sd_pipeline.py", "test_vqa_tasks.py",
-              "test_clip_lora.py", "test_lit.py", "test_faults.py", "test_nnx_bridge.py",
-              "test_lora.py", "test_cli.py", "test_own_data.py", "test_clip_task.py",
-              "test_pretrained_clip.py")
+SLOW_FILES = ("test_launch.py", "test_ldm.py", "test_packaging.py", "test_sd_finetune.py",
+              "test_sd_pipeline.py", "test_vqa_tasks.py", "test_clip_task.py", "test_lora.py",
+              "test_lit.py", "test_nnx_bridge.py", "test_cli.py", "test_precision.py",
+              "test_own_data.py", "test_vlm.py", "test_sharding.py", "test_pretrained_clip.py",
+              "test_faults.py", "test_hf_clip_task.py", "test_clip_lora.py",
+              "test_encoder_decoder.py", "test_grid_init_from.py")
 
 
 def pytest_collection_modifyitems(items):

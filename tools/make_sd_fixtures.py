@@ -134,7 +134,7 @@ def write_vocab(folder: pathlib.Path) -> None:
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build(name: str, spec: dict, out: pathlib.Path) -> None:
+def build(name: str, spec: dict, out: pathlib.Path, vae: dict = VAE) -> None:
   """Builds a random pipeline and saves it with save_pretrained into out/name."""
   import diffusers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -143,9 +143,9 @@ def build(name: str, spec: dict, out: pathlib.Path) -> None:
     write_vocab(pathlib.Path(tmp))
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp, pad_token=spec["pad_token"],
                                                            model_max_length=77)
-  torch.manual_seed(sorted(PIPELINES).index(name))
+  torch.manual_seed(sorted(PIPELINES).index(name) if name in PIPELINES else 0)
   unet = diffusers.UNet2DConditionModel(**spec["unet"])
-  vae = diffusers.AutoencoderKL(**VAE, scaling_factor=spec["scaling_factor"])
+  vae = diffusers.AutoencoderKL(**vae, scaling_factor=spec["scaling_factor"])
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=len(tokenizer), max_position_embeddings=77,
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
