@@ -7,7 +7,8 @@ out) of both towers train with the contrastive loss on Fashion-MNIST's captions
 ("a product photo of a sneaker", ...). `targets=attention_mlp` adapts the towers' MLP
 kernels too, `targets=attention_mlp_proj` also the projections into the joint space,
 `targets=attention_mlp_proj_patch` also the patch embedding (rank=2 with any of these
-keeps the trained share under 5%). The log line "Parameters: N
+keeps the trained share under 5%); `train_norms=True` trains the LayerNorms and the
+temperature in full beside the adapters (config.lora.train, PEFT's modules_to_save). The log line "Parameters: N
 (M frozen)" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
 size in the checkpoint against a full training run's.
 
@@ -35,6 +36,8 @@ ATTENTION = (".*_tower/.*/attention/(query|key|value|out)/kernel",)
 MLP = (".*_tower/.*/mlp/fc[12]/kernel",)
 PROJECTIONS = ("(image|text)_proj/kernel",)
 PATCHES = ("image_tower/embedding/kernel",)  # The patch embedding: a 4x4 conv, as [16, width].
+# lora.train: base parameters trained in full beside the adapters (PEFT's modules_to_save).
+NORMS = (r".*/ln[^/]*/(scale|bias)", "logit_scale")  # LayerNorms and the temperature.
 TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
            "attention_mlp_proj": ATTENTION + MLP + PROJECTIONS,
            "attention_mlp_proj_patch": ATTENTION + MLP + PROJECTIONS + PATCHES}
@@ -42,7 +45,7 @@ TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, smoke=False, dataset="fashion_mnist", loss="softmax",
-                          clip_workdir="", rank=4, targets="attention")
+                          clip_workdir="", rank=4, targets="attention", train_norms=False)
   if arg.targets not in TARGETS:
     raise ValueError(f"clip_lora: targets={arg.targets!r}: use one of {sorted(TARGETS)}.")
   c = configs.base_config()
@@ -55,7 +58,7 @@ def get_config(arg=None):
   c.model = configs.clip_mnist_model()
   c.warm_start.workdir = arg.clip_workdir
   c.lora = dict(rank=arg.rank, alpha=2.0 * arg.rank, targets=TARGETS[arg.targets],
-                dropout=0.0)
+                dropout=0.0, train=NORMS if arg.train_norms else ())
 
   # 600 steps: 2.6 epochs of Fashion-MNIST's 60,000 pairs.
   configs.set_steps(c, batch=256, eval_batch=1024, steps=600, log_every=50,

@@ -54,10 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.frozen = ()
   # Fine-tuning (mmjax/tasks/adapted.py, docs/lora.md). lora: low-rank adapters beside
   # the kernels whose paths match `targets` (regexes), scaled by alpha / rank (alpha 0:
-  # rank); only they train; rank 0 is off. warm_start: parameters matching `include`
-  # start from the latest checkpoint of the run in `workdir`; those matching `reinit`
-  # start from the random initialisation even when loaded.
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=(), dropout=0.0))
+  # rank); only they train, and the base parameters matching `train` (regexes: PEFT's
+  # modules_to_save, e.g. LayerNorms); rank 0 is off. warm_start: parameters matching
+  # `include` start from the latest checkpoint of the run in `workdir`; those matching
+  # `reinit` start from the random initialisation even when loaded.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=(), dropout=0.0,
+                                          train=()))
   c.warm_start = ml_collections.ConfigDict(dict(workdir="", include=(".*",), reinit=()))
   # The device mesh: data x fsdp devices (-1: the rest). The batch splits over both;
   # parameters and optimizer state of at least fsdp_min_size elements split along fsdp

@@ -62,6 +62,28 @@ def test_at_the_start_the_adapted_model_is_the_base_model_bit_for_bit(scan):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_lora_train_keeps_the_matching_base_leaves_trained_beside_the_adapters():
+  """config.lora.train (PEFT's modules_to_save): the LayerNorms train in full beside the
+  adapters, with Adam's moments; every other base leaf stays frozen, without them."""
+  norms = r".*/ln[^/]*/(scale|bias)"
+  config = _config(train=(norms, "logit_scale"))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state, opt = trainer.create_train_state(config, _task(config, mesh), mesh)
+  flat = lora._flat(state.params)
+  frozen = lora._flat(opt.frozen)
+  trained = {"/".join(k) for k, f in frozen.items() if not f}
+  import re  # pylint: disable=import-outside-toplevel
+  assert trained == {"/".join(k) for k in flat if k[-1] in lora.ADAPTER_NAMES
+                     or re.fullmatch(norms, "/".join(k)) or k == ("logit_scale",)}
+  assert any("/ln" in t for t in trained) and "logit_scale" in trained
+  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1)
+  n_trained = sum(np.size(flat[k]) for k, f in frozen.items() if not f)
+  assert moments == 2 * n_trained - 2  # logit_scale's two moments are scalars.
+  with pytest.raises(ValueError, match=r"^config.lora.train pattern 'nope/.\*' matches no "
+                                       r"parameter; parameter paths look like"):
+    trainer.create_train_state(_config(train=("nope/.*",)), _task(config, mesh), mesh)
+
+
 @pytest.mark.slow
 def test_only_the_adapters_train_and_only_they_have_optimizer_state():
   config = _config()

@@ -52,24 +52,29 @@ def parameter_paths(params) -> list[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def frozen_mask(params, patterns) -> object:
+def frozen_mask(params, patterns, lora_train=()) -> object:
   """Pytree of bools like `params`: True where a leaf's path fully matches a pattern.
 
   Patterns are regular expressions over "/"-joined paths ("vision/.*",
   "text_tower/encoder/block0/.*"). A pattern that matches nothing is an error: a typo
   must not leave a tower silently trained, and patterns that freeze every leaf leave
   nothing to train: both raise ValueError. A tree with LoRA adapters (mmjax/lora.py)
-  trains only them: every other leaf is frozen too.
+  trains only them and the leaves matching a `lora_train` pattern (config.lora.train,
+  PEFT's `modules_to_save`); every other leaf is frozen too. `patterns` win over
+  `lora_train`.
   """
-  patterns = tuple(patterns or ())
+  patterns, lora_train = tuple(patterns or ()), tuple(lora_train or ())
   paths = parameter_paths(params)
-  for p in patterns:
-    if not any(re.fullmatch(p, path) for path in paths):
-      tops = sorted({path.split("/")[0] for path in paths})
-      raise ValueError(f"config.frozen pattern {p!r} matches no parameter; parameter paths "
-                       f"look like {paths[0]!r} (top level: {tops}).")
+  for field, group in (("frozen", patterns), ("lora.train", lora_train)):
+    for p in group:
+      if not any(re.fullmatch(p, path) for path in paths):
+        tops = sorted({path.split("/")[0] for path in paths})
+        raise ValueError(f"config.{field} pattern {p!r} matches no parameter; parameter "
+                         f"paths look like {paths[0]!r} (top level: {tops}).")
   adapted = any(lora.is_adapter(path) for path in paths)
-  flags = [any(re.fullmatch(p, path) for p in patterns) or (adapted and not lora.is_adapter(path))
+  flags = [any(re.fullmatch(p, path) for p in patterns)
+           or (adapted and not lora.is_adapter(path)
+               and not any(re.fullmatch(p, path) for p in lora_train))
            for path in paths]
   if flags and all(flags):
     raise ValueError(f"config.frozen={patterns!r} freezes all {len(paths)} parameters: "

@@ -196,7 +196,8 @@ def create_train_state(config, task, mesh) -> tuple[TrainState, optim.Optimizer]
     return task.init(rng) if loaded is None else loaded
 
   abstract_params = jax.eval_shape(init_params, rng, loaded)[0]
-  frozen = optim.frozen_mask(abstract_params, config.get("frozen", ()))
+  frozen = optim.frozen_mask(abstract_params, config.get("frozen", ()),
+                             config.get("lora", {}).get("train", ()))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps,
                                       task.weight_decay_mask, frozen)
 
