@@ -1,6 +1,8 @@
 """LoRA adapters (mmjax/lora.py) on the CLIP task through tasks.adapted: exact at the
 start, only adapters train, merge + open_clip export, FSDP and gradient accumulation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +74,6 @@ def test_lora_train_keeps_the_matching_base_leaves_trained_beside_the_adapters()
   flat = lora._flat(state.params)
   frozen = lora._flat(opt.frozen)
   trained = {"/".join(k) for k, f in frozen.items() if not f}
-  import re  # pylint: disable=import-outside-toplevel
   assert trained == {"/".join(k) for k in flat if k[-1] in lora.ADAPTER_NAMES
                      or re.fullmatch(norms, "/".join(k)) or k == ("logit_scale",)}
   assert any("/ln" in t for t in trained) and "logit_scale" in trained

@@ -15,17 +15,11 @@ import pathlib
 
 import make_sd_fixtures as fixtures
 
-SPEC = dict(
-    unet=dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256),
-              layers_per_block=2,
-              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-              cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
-              use_linear_projection=False),
-    text=dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-              num_hidden_layers=4, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    pad_token="<|endoftext|>", fp16=False, old_tokenizer_files=False,
-    scheduler=fixtures.PIPELINES["sd1_ddim"]["scheduler"], scaling_factor=0.18215)
+SD1 = fixtures.PIPELINES["sd1_ddim"]  # The layout, tokenizer and scheduler; larger sizes.
+SPEC = dict(SD1, unet=dict(SD1["unet"], sample_size=32, block_out_channels=(64, 128, 256),
+                           layers_per_block=2, cross_attention_dim=256, attention_head_dim=8,
+                           norm_num_groups=32),
+            text=dict(SD1["text"], hidden_size=256, intermediate_size=1024, num_hidden_layers=4))
 VAE = dict(fixtures.VAE, block_out_channels=[32, 64], norm_num_groups=32, sample_size=64)
 
 
