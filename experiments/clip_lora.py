@@ -6,8 +6,9 @@ low-rank adapters (mmjax/lora.py) beside the attention projections (query, key, 
 out) of both towers train with the contrastive loss on Fashion-MNIST's captions
 ("a product photo of a sneaker", ...). `targets=attention_mlp` adapts the towers' MLP
 kernels too, `targets=attention_mlp_proj` also the projections into the joint space,
-`targets=attention_mlp_proj_patch` also the patch embedding (rank=2 with any of these
-keeps the trained share under 5%); `train_norms=True` trains the LayerNorms and the
+`targets=attention_mlp_proj_patch` also the patch embedding, `..._tokens` also the
+text tower's token embedding table (rank=2 with any of these keeps the trained share
+under 5%); `train_norms=True` trains the LayerNorms and the
 temperature in full beside the adapters (config.lora.train, PEFT's modules_to_save). The log line "Parameters: N
 (M frozen)" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
 size in the checkpoint against a full training run's.
@@ -36,11 +37,13 @@ ATTENTION = (".*_tower/.*/attention/(query|key|value|out)/kernel",)
 MLP = (".*_tower/.*/mlp/fc[12]/kernel",)
 PROJECTIONS = ("(image|text)_proj/kernel",)
 PATCHES = ("image_tower/embedding/kernel",)  # The patch embedding: a 4x4 conv, as [16, width].
+TOKENS = ("text_tower/token_embedding/embedding",)  # The byte embedding table [vocab, width].
 # lora.train: base parameters trained in full beside the adapters (PEFT's modules_to_save).
 NORMS = (r".*/ln[^/]*/(scale|bias)", "logit_scale")  # LayerNorms and the temperature.
 TARGETS = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
            "attention_mlp_proj": ATTENTION + MLP + PROJECTIONS,
-           "attention_mlp_proj_patch": ATTENTION + MLP + PROJECTIONS + PATCHES}
+           "attention_mlp_proj_patch": ATTENTION + MLP + PROJECTIONS + PATCHES,
+           "attention_mlp_proj_patch_tokens": ATTENTION + MLP + PROJECTIONS + PATCHES + TOKENS}
 
 
 def get_config(arg=None):

@@ -56,11 +56,13 @@ def base_config() -> ml_collections.ConfigDict:
   # the kernels whose paths match `targets` (regexes), scaled by alpha / rank (alpha 0:
   # rank); only they train, and the base parameters matching `train` (regexes: PEFT's
   # modules_to_save, e.g. LayerNorms); rank 0 is off. warm_start: parameters matching
-  # `include` start from the latest checkpoint of the run in `workdir`; those matching
-  # `reinit` start from the random initialisation even when loaded.
+  # `include` start from the latest checkpoint of the run in `workdir` (its parameters,
+  # or with source="ema" its EMA weights, as released diffusion weights are); those
+  # matching `reinit` start from the random initialisation even when loaded.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=(), dropout=0.0,
                                           train=()))
-  c.warm_start = ml_collections.ConfigDict(dict(workdir="", include=(".*",), reinit=()))
+  c.warm_start = ml_collections.ConfigDict(dict(workdir="", include=(".*",), reinit=(),
+                                                source="params"))
   # The device mesh: data x fsdp devices (-1: the rest). The batch splits over both;
   # parameters and optimizer state of at least fsdp_min_size elements split along fsdp
   # (mmjax/parallel.py). grad_accum_steps micro-batches make one update.

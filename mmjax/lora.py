@@ -1,8 +1,8 @@
 """LoRA: low-rank adapters on a model's kernels, as a transform of its parameters.
 
 An adapted kernel W (Dense [in, out], attention's [in, heads, head_dim] and
-[heads, head_dim, out], Conv [kh, kw, in, out]) gets two leaves beside it in its
-module, "lora_a" [in, rank] and "lora_b" [rank, out], and the model runs with
+[heads, head_dim, out], Conv [kh, kw, in, out], or an Embed's table [vocab, width],
+as PEFT adapts embeddings) gets two leaves beside it in its module, "lora_a" [in, rank] and "lora_b" [rank, out], and the model runs with
 
   W' = W + (alpha / rank) · reshape(lora_a @ lora_b, W.shape)
 
@@ -33,6 +33,7 @@ import numpy as np
 
 A, B = "lora_a", "lora_b"  # The adapter leaves' names, beside their module's "kernel".
 ADAPTER_NAMES = (A, B)
+KERNEL_NAMES = ("kernel", "embedding")  # The leaves LoRA adapts: Dense/Conv, Embed.
 _SPLIT_AFTER_FIRST = ("query", "key", "value")  # DenseGeneral [in, heads, head_dim].
 _SCANNED = "blocks"  # transformer.Encoder's scanned block: a leading [depth] axis.
 
@@ -120,14 +121,15 @@ def target_kernels(params, spec: Spec) -> list[str]:
   did match or the model's kernels, and for a rank above a kernel's smaller side.
   """
   shapes = {"/".join(p): np.shape(x) for p, x in _flat(params).items()}
-  kernels = [p for p in shapes if p.rsplit("/", 1)[-1] == "kernel"]
+  kernels = [p for p in shapes if p.rsplit("/", 1)[-1] in KERNEL_NAMES]
   chosen = []
   for pattern in spec.targets:
     hits = [p for p in shapes if re.fullmatch(pattern, p)]
     hit_kernels = [p for p in hits if p in kernels]
     if not hit_kernels:
       if hits:
-        what = f"only leaves that are not kernels (e.g. {hits[0]!r}); LoRA adapts kernels"
+        what = (f"only leaves that are not kernels (e.g. {hits[0]!r}); LoRA adapts kernels "
+                f"and embedding tables")
       elif kernels:
         what = f"no parameter; the model's kernels look like {kernels[0]!r}"
       else:
@@ -174,7 +176,7 @@ def merge(params, scale: float) -> dict:
     if key[-1] in ADAPTER_NAMES:
       continue
     module = key[:-1]
-    if key[-1] == "kernel" and module + (A,) in flat:
+    if key[-1] in KERNEL_NAMES and module + (A,) in flat:
       a, b = flat[module + (A,)], flat[module + (B,)]
       delta = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
       x = x + delta.reshape(x.shape).astype(x.dtype)

@@ -14,6 +14,8 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from mmjax import lora
+
 
 def read_config(workdir: str) -> dict:
   """The config an earlier run wrote into its workdir, as a dict."""
@@ -64,6 +66,14 @@ class Run:
                          f"it was written by an older mmjax. Train that run again.")
       value = value[part]
     return value
+
+  def merged(self, tree=None):
+    """`tree` (default: the parameters; an EMA from `extras`) with this run's LoRA
+    adapters folded into their kernels (mmjax/lora.py): the plain tree that exporters
+    and other runs take. Unchanged for a run without LoRA."""
+    tree = self.params if tree is None else tree
+    spec = lora.spec_from_config(self.config)
+    return lora.merge(tree, spec.scale) if spec else tree
 
 
 def load_run(workdir: str, *, task: str | None = None, field: str = "workdir",

@@ -2,12 +2,15 @@
 import math
 import subprocess
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 import scipy.linalg
 
 import launch_helpers as lh
+from mmjax import lora
+from mmjax import runs
 from mmjax.evals import generative
 
 
@@ -81,6 +84,25 @@ def test_both_stages_smoke_run(tmp_path):
   best = last["eval/best_guidance"]
   assert last["eval/sample_accuracy"] == last[f"eval/sample_accuracy/guidance_{best:g}"]
   assert math.isfinite(last["eval/fld"])
+
+  # LoRA on Fashion-MNIST captions from the diffusion run's EMA: the adapters train, the
+  # EMA averages them and keeps the base, so without the adapters it is the MNIST EMA.
+  adapted = tmp_path / "ldm_lora"
+  lh.run(f"experiments/ldm_lora.py:smoke,ldm_workdir={ldm}", adapted,
+         f"autoencoder_workdir={ae}", f"evals.samples.classifier_workdir={judge}",
+         "num_train_steps=6", "checkpoint_every_steps=6", "eval_every_steps=6",
+         "evals.samples.guidance_scales=(2.0,)", devices=2)
+  row = lh.metrics(adapted)[-1]
+  assert row["step"] == 6 and 0.0 <= row["eval/sample_accuracy/guidance_2"] <= 1.0
+  base, run = runs.load_run(str(ldm)), runs.load_run(str(adapted))
+  ema = run.extras["ema"]
+  assert lora.has_adapters(ema) and lora.has_adapters(run.params)
+  assert any(np.any(b != 0) for b in jax.tree.leaves(lora.adapters(ema)))
+  equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  assert equal(lora.strip(ema), base.extras["ema"])  # The MNIST model, bit for bit.
+  assert equal(lora.strip(run.params), base.extras["ema"])
+  scale = lora.spec_from_config(run.config).scale
+  assert not equal(lora.merge(ema, scale), base.extras["ema"])
 
 
 def test_ema_warms_up_then_follows_the_decay():

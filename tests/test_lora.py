@@ -218,3 +218,25 @@ def test_adapters_fit_the_unet_and_the_vlm_without_editing_them():
   assert lora.matrix_shape("a/attention/query/kernel", (32, 2, 16)) == ((), 32, 32)
   assert lora.matrix_shape("a/attention/out/kernel", (2, 16, 32)) == ((), 32, 32)
   assert lora.matrix_shape("enc/blocks/attention/key/kernel", (4, 32, 2, 16)) == ((4,), 32, 32)
+
+
+def test_an_embedding_table_is_adapted_as_a_vocab_by_width_matrix():
+  """PEFT adapts nn.Embedding too: the table [vocab, width] is the matrix; a token's row
+  moves by scale · A[token] @ B, so the adapted Embed equals a lookup in the merged table."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  embed = nn.Embed(11, 6, name="token_embedding")
+  params = {"tok": embed.init(jax.random.PRNGKey(0), jnp.zeros((3,), jnp.int32))["params"]}
+  spec = lora.Spec(2, 4.0, ("tok/embedding",))
+  assert lora.target_kernels(params, spec) == ["tok/embedding"]
+  adapted = lora.add_adapters(params, spec, jax.random.PRNGKey(1))
+  assert adapted["tok"][lora.A].shape == (11, 2) and adapted["tok"][lora.B].shape == (2, 6)
+  assert np.array_equal(lora.merge(adapted, spec.scale)["tok"]["embedding"],
+                        params["tok"]["embedding"])
+  adapted["tok"][lora.B] = jax.random.normal(jax.random.PRNGKey(2), (2, 6))
+  tokens = jnp.array([0, 7, 7, 10])
+  out = embed.apply({"params": lora.merge(adapted, spec.scale)["tok"]}, tokens)
+  expected = params["tok"]["embedding"][tokens] + spec.scale * (
+      adapted["tok"][lora.A][tokens] @ adapted["tok"][lora.B])
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="larger than the smaller side"):
+    lora.target_kernels(params, lora.Spec(7, 7.0, ("tok/embedding",)))

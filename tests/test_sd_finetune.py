@@ -189,3 +189,32 @@ def test_smoke_run_trains_only_the_unet_writes_samples_and_exports(data, tmp_pat
   jax.tree.map(np.testing.assert_array_equal, exported.text_params, text)
   src, new = _read(SD1, WEIGHT_FILES[0]), _read(out, WEIGHT_FILES[0])
   assert src.keys() == new.keys() and any(not np.array_equal(src[k], new[k]) for k in src)
+
+
+@pytest.mark.slow  # Compiles the train step: about half a minute.
+def test_lora_run_exports_the_merged_unet_and_keeps_the_base(data, tmp_path):
+  """U-Net LoRA on a diffusers folder: the base stays as loaded, sd_export writes the
+  adapters merged into the kernels (the merged U-Net is what the folder then holds)."""
+  config = _config()
+  config.num_train_steps, config.checkpoint_every_steps, config.eval_every_steps = 2, 2, 100
+  config.lora = dict(rank=2, alpha=4.0, targets=("unet/.*/(to_q|to_k|to_v|to_out_0)/kernel",),
+                     dropout=0.0, train=())
+  config.optimizer.learning_rate = 1e-2
+  task, mesh = _task(config)
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir), task, mesh)
+
+  from mmjax import lora  # pylint: disable=import-outside-toplevel
+  from mmjax import runs  # pylint: disable=import-outside-toplevel
+  run = runs.load_run(str(workdir), task="sd")
+  _, unet, _ = sd_pipeline.load_unet(SD1 / "unet")
+  params = jax.device_get(run.params)
+  jax.tree.map(np.testing.assert_array_equal, lora.strip(params)["unet"], unet)
+  assert any(np.any(b != 0) for b in jax.tree.leaves(lora.adapters(params)))
+  merged = jax.device_get(run.merged())["unet"]
+  out = tmp_path / "exported"
+  assert sd_export.main([f"--workdir={workdir}", f"--out={out}"]) == 0
+  exported = stable_diffusion.StableDiffusion.from_pretrained(out)
+  jax.tree.map(np.testing.assert_array_equal, exported.unet_params, merged)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged),
+                                                      jax.tree.leaves(unet)))

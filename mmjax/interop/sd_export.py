@@ -4,8 +4,8 @@ r"""Fine-tuned Stable Diffusion weights back into a diffusers pipeline folder.
 
 copies the run's `config.init_from` folder to `--out` and replaces the U-Net's and the
 text encoder's weights (unet/diffusion_pytorch_model.safetensors,
-text_encoder/model.safetensors) with the run's latest checkpoint (or `--step`), under
-the source files' own keys and dtypes; the VAE (always frozen in the sd task),
+text_encoder/model.safetensors) with the run's latest checkpoint (or `--step`; LoRA
+adapters merged into their kernels), under the source files' own keys and dtypes; the VAE (always frozen in the sd task),
 tokenizer, scheduler and configs are copied as they are. diffusers'
 `StableDiffusionPipeline.from_pretrained` and `python -m mmjax.generate
 --pretrained=<out>` read the result. In Python: `export_pipeline(source, out, params)`.
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
   from mmjax import runs  # pylint: disable=import-outside-toplevel
   try:
     run = runs.load_run(args.workdir, task="sd", step=args.step)
-    out = export_pipeline(run.field("init_from"), args.out, jax.device_get(run.params),
+    out = export_pipeline(run.field("init_from"), args.out, jax.device_get(run.merged()),
                           overwrite=args.overwrite)
   except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"sd_export: {e}", file=sys.stderr)

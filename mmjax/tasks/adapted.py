@@ -2,11 +2,13 @@
 
 `tasks.get_task` wraps a task in `AdaptedTask` when the config asks for either:
 
-  config.warm_start = dict(workdir="", include=(".*",), reinit=())
+  config.warm_start = dict(workdir="", include=(".*",), reinit=(), source="params")
     workdir: a run's workdir; the parameters whose paths match `include` start from
       its latest checkpoint (with that run's LoRA adapters merged in), the others as
       the task would start them (random, or `config.init_from`'s). Extras (an EMA)
       come from the run too where their shapes are the task's.
+    source: "params", or an extra of the run holding weights ("ema"): the parameters
+      start from that run's EMA, as a released diffusion model's weights are its EMA.
     reinit: parameters that start from the task's random initialisation even when
       loaded (a text tower from scratch beside a loaded image tower).
   config.lora = dict(rank=8, alpha=16, targets=(regexes over kernel paths,), dropout=0.0)
@@ -17,8 +19,10 @@ parameters first (`loss`, `embed_for_loss`, `loss_from_embeddings`, and what
 evaluators call: `embed`, `logits`, `sample`, ...) gets them with the adapters merged
 into the kernels, so neither the model nor the inner task knows about LoRA. The
 parameters, the optimizer state and the checkpoints hold the base (frozen: no
-optimizer state) and the adapters. Bad settings fail in `setup()`, before anything
-compiles. See docs/lora.md.
+optimizer state) and the adapters. An extra shaped like the parameters (an EMA) gets
+the same adapters: the EMA averages the adapters and keeps the frozen base as it is,
+and the evaluation methods see it merged too (the training methods pass extras
+through). Bad settings fail in `setup()`, before anything compiles. See docs/lora.md.
 """
 import functools
 import inspect
@@ -56,6 +60,10 @@ def _replace(params, source, patterns, field: str):
   return lora._unflat({tuple(k.split("/")): v for k, v in dst.items()})  # pylint: disable=protected-access
 
 
+# Task methods that return the extras they are given: those get them as stored.
+_PASS_EXTRAS = frozenset({"loss", "embed_for_loss", "loss_from_embeddings"})
+
+
 def _check_patterns(paths, patterns, field: str):
   for p in patterns:
     if not any(re.fullmatch(p, path) for path in paths):
@@ -74,6 +82,7 @@ class AdaptedTask:
     self.workdir = ws.get("workdir") or ""
     self.include = tuple(ws.get("include") or (".*",))
     self.reinit = tuple(ws.get("reinit") or ())
+    self.source = ws.get("source") or "params"
     if self.workdir and not os.path.exists(os.path.join(self.workdir, "config.json")):
       raise FileNotFoundError(f"config.warm_start.workdir={self.workdir!r} holds no run (no "
                               f"config.json): train that run first.")
@@ -87,6 +96,8 @@ class AdaptedTask:
     def with_merged_params(*args, **kwargs):
       if args and lora.has_adapters(args[0]):
         args = (self.merged(args[0]),) + args[1:]
+        if name not in _PASS_EXTRAS and len(args) > 1 and isinstance(args[1], dict):
+          args = args[:1] + ({k: self.merged(v) for k, v in args[1].items()},) + args[2:]
       return value(*args, **kwargs)
 
     return with_merged_params
@@ -107,10 +118,19 @@ class AdaptedTask:
   def check(self):
     """Every check that needs the parameters' paths (no compilation): patterns that
     match nothing, ranks above a kernel's smaller side. After the inner setup."""
-    abstract = jax.eval_shape(self.inner.init, jax.random.PRNGKey(0))[0]
+    try:
+      abstract = jax.eval_shape(self.inner.init, jax.random.PRNGKey(0))[0]
+    except NotImplementedError:  # A task that only loads its weights (sd).
+      abstract = jax.eval_shape(lambda p: p, self.inner.pretrained()[0])
     paths = _paths(abstract)
     if self.workdir:
       _check_patterns(paths, self.include, "warm_start.include")
+      if self.source != "params":
+        run = runs.load_run(self.workdir, field="warm_start.workdir")
+        if self.source not in (run.extras or {}):
+          raise ValueError(f"config.warm_start.source={self.source!r}: the run in "
+                           f"{self.workdir} has no such extra (it has "
+                           f"{sorted(run.extras or {})}); use 'params' or one of those.")
     if self.reinit:
       if not self.workdir and self.inner.pretrained() is None:
         raise ValueError("config.warm_start.reinit re-initialises loaded parameters, but "
@@ -120,10 +140,19 @@ class AdaptedTask:
     if self.spec:
       lora.target_kernels(abstract, self.spec)
 
+  def _with_adapters(self, params, extras, rng):
+    """Adapters (from `rng`) beside the kernels of `params` and of each extra of the
+    same structure (an EMA), so the EMA's adapters start equal to the parameters'."""
+    like = lambda t: (jax.tree.structure(t) == jax.tree.structure(params) and
+                      jax.tree.map(jax.numpy.shape, t) == jax.tree.map(jax.numpy.shape, params))
+    extras = {k: lora.add_adapters(v, self.spec, rng) if like(v) else v
+              for k, v in extras.items()}
+    return lora.add_adapters(params, self.spec, rng), extras
+
   def init(self, rng):
     params, extras = self.inner.init(rng)
     if self.spec:
-      params = lora.add_adapters(params, self.spec, jax.random.fold_in(rng, 1))
+      params, extras = self._with_adapters(params, extras, jax.random.fold_in(rng, 1))
     return params, extras
 
   def pretrained(self):
@@ -137,30 +166,28 @@ class AdaptedTask:
     params, extras = loaded if loaded is not None else jax.device_get(init(key))
     if self.workdir:
       run = runs.load_run(self.workdir, field="warm_start.workdir")
-      spec = lora.spec_from_config(run.config)
-      source = lora.merge(run.params, spec.scale) if spec else run.params
+      source = run.merged(run.params if self.source == "params" else run.extras[self.source])
       params = _replace(params, jax.device_get(source), self.include, "warm_start.include")
+      run_extras = {k: run.merged(v) for k, v in (run.extras or {}).items()}
       shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
       try:
-        if jax.tree.structure(run.extras) == jax.tree.structure(extras) and (
-            shapes(run.extras) == shapes(extras)):
-          extras = jax.device_get(run.extras)
+        if jax.tree.structure(run_extras) == jax.tree.structure(extras) and (
+            shapes(run_extras) == shapes(extras)):
+          extras = jax.device_get(run_extras)
       except ValueError:
         pass
     if self.reinit:
       params = _replace(params, jax.device_get(init(key)[0]), self.reinit,
                         "warm_start.reinit")
     if self.spec:
-      params = jax.device_get(jax.jit(lora.add_adapters, static_argnums=1)(
-          params, self.spec, jax.random.fold_in(key, 1)))
+      params, extras = jax.device_get(jax.jit(self._with_adapters)(
+          params, extras, jax.random.fold_in(key, 1)))
     return params, extras
 
   def after_update(self, state):
-    """The inner task's (an EMA of the weights), on the merged parameters."""
-    if not self.spec:
-      return self.inner.after_update(state)
-    new = self.inner.after_update(state.replace(params=self.merged(state.params)))
-    return new.replace(params=state.params)
+    """The inner task's (an EMA of the weights), on the parameters with their adapters
+    (the EMA has them too), so the frozen base stays as the EMA holds it."""
+    return self.inner.after_update(state)
 
   def weight_decay_mask(self, params):
     return self.inner.weight_decay_mask(params)

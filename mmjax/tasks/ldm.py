@@ -198,10 +198,12 @@ class LatentDiffusionTask(base.Task):
     return jnp.mean(loss), ({}, extras)
 
   def after_update(self, state):
-    """EMA of the weights, with the usual warm-up: decay min(d, (1 + n) / (10 + n))."""
+    """EMA of the weights, with the usual warm-up: decay min(d, (1 + n) / (10 + n)).
+    Written e + (1 - d)(p - e), so a weight equal to its average (a frozen one, started
+    from the EMA) keeps it exactly."""
     n = state.step.astype(jnp.float32)
     decay = jnp.minimum(self.config.diffusion.ema_decay, (1 + n) / (10 + n))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.extras["ema"],
+    ema = jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), state.extras["ema"],
                        state.params)
     return state.replace(extras={**state.extras, "ema": ema})
 
