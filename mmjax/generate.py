@@ -32,6 +32,8 @@ _SCHEDULER = flags.DEFINE_enum("scheduler", None, ["ddim", "euler"],
 _CLIP_SKIP = flags.DEFINE_integer("clip_skip", 0, "Text encoder layers to skip at the end.")
 _COLUMNS = flags.DEFINE_integer("columns", None, "Grid columns (default: about sqrt(n)).")
 _OUT = flags.DEFINE_string("out", "grid.png", "Where the PNG grid goes.")
+_LORA = flags.DEFINE_string("lora", None, "A diffusers LoRA file (pytorch_lora_weights."
+                            "safetensors) or its folder, merged into the pipeline.")
 flags.mark_flags_as_required(["pretrained", "prompt"])
 
 
@@ -50,6 +52,8 @@ def main(argv):
   try:
     pipe = stable_diffusion.StableDiffusion.from_pretrained(_PRETRAINED.value,
                                                             _SCHEDULER.value)
+    if _LORA.value:
+      pipe = pipe.with_lora(_LORA.value)
     latents = None if _LATENTS.value is None else np.load(_LATENTS.value)
     n = _NUM_IMAGES.value if latents is None else len(latents)
     on_cpu = jax.default_backend() == "cpu"

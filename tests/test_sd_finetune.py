@@ -218,3 +218,7 @@ def test_lora_run_exports_the_merged_unet_and_keeps_the_base(data, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, exported.unet_params, merged)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged),
                                                       jax.tree.leaves(unet)))
+  # The adapters alone, as a diffusers LoRA file: the pipeline with it is the run's.
+  assert sd_export.main([f"--workdir={workdir}", f"--out={tmp_path / 'lora'}", "--lora"]) == 0
+  with_lora = stable_diffusion.StableDiffusion.from_pretrained(SD1).with_lora(tmp_path / "lora")
+  jax.tree.map(np.testing.assert_array_equal, with_lora.unet_params, merged)

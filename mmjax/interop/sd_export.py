@@ -8,7 +8,9 @@ text_encoder/model.safetensors) with the run's latest checkpoint (or `--step`; L
 adapters merged into their kernels), under the source files' own keys and dtypes; the VAE (always frozen in the sd task),
 tokenizer, scheduler and configs are copied as they are. diffusers'
 `StableDiffusionPipeline.from_pretrained` and `python -m mmjax.generate
---pretrained=<out>` read the result. In Python: `export_pipeline(source, out, params)`.
+--pretrained=<out>` read the result. With `--lora`, a LoRA run's adapters alone go to
+`<out>/pytorch_lora_weights.safetensors` (mmjax.interop.sd_lora: what diffusers'
+`load_lora_weights` and `python -m mmjax.generate --lora=<out>` read). In Python: `export_pipeline(source, out, params)`.
 """
 import os
 import re
@@ -111,17 +113,34 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="The new pipeline folder.")
   parser.add_argument("--step", type=int, default=None, help="A checkpoint step (latest).")
   parser.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+  parser.add_argument("--lora", action="store_true",
+                      help="Write only the run's LoRA adapters, as --out/" +
+                      "pytorch_lora_weights.safetensors (diffusers' load_lora_weights).")
   args = parser.parse_args(argv)
   import jax  # pylint: disable=import-outside-toplevel
   from mmjax import runs  # pylint: disable=import-outside-toplevel
   try:
     run = runs.load_run(args.workdir, task="sd", step=args.step)
+    if args.lora:
+      return _export_lora(run, args.out)
     out = export_pipeline(run.field("init_from"), args.out, jax.device_get(run.merged()),
                           overwrite=args.overwrite)
   except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"sd_export: {e}", file=sys.stderr)
     return 1
   print(f"Wrote the weights of step {run.step} of {args.workdir} into {out}")
+  return 0
+
+
+def _export_lora(run, out: str) -> int:
+  from mmjax import lora  # pylint: disable=import-outside-toplevel
+  from mmjax.interop import sd_lora  # pylint: disable=import-outside-toplevel
+  spec = lora.spec_from_config(run.config)
+  if spec is None:
+    raise ValueError(f"--lora: the run in {run.workdir} has no LoRA adapters "
+                     f"(config.lora.rank is 0); export the whole pipeline without --lora.")
+  path = sd_lora.save(out, run.params, spec)
+  print(f"Wrote the LoRA adapters of step {run.step} of {run.workdir} to {path}")
   return 0
 
 

@@ -1,6 +1,7 @@
 """Stable Diffusion text-to-image generation in JAX: diffusers' StableDiffusionPipeline.
 
   pipe = StableDiffusion.from_pretrained("path/to/pipeline-folder")   # see interop.sd_pipeline
+  pipe = pipe.with_lora("path/to/lora")         # optional: a diffusers LoRA file, merged
   images = pipe.generate(["a photo of a cat"], negative_prompts=["blurry"], num_steps=25,
                          guidance_scale=7.5, seed=0)       # float32 [n, H, W, 3] in [0, 1]
 
@@ -85,6 +86,18 @@ class StableDiffusion:
     return cls(unet, unet_params, text, text_params, vae, vae_params, tokenizer, sched,
                float(vae_config["scaling_factor"]), float(vae_config["shift_factor"]),
                int(unet_config.get("sample_size") or 64))
+
+  def with_lora(self, path: str | os.PathLike) -> "StableDiffusion":
+    """This pipeline with a diffusers/PEFT LoRA file (`pytorch_lora_weights.safetensors`,
+    or its folder, as `load_lora_weights` takes) merged into the U-Net and text encoder
+    (mmjax.interop.sd_lora)."""
+    from mmjax import lora  # pylint: disable=import-outside-toplevel
+    from mmjax.interop import sd_lora  # pylint: disable=import-outside-toplevel
+    params, spec = sd_lora.load(path, {"unet": self.unet_params,
+                                       "text_encoder": self.text_params})
+    merged = lora.merge(params, spec.scale)
+    return dataclasses.replace(self, unet_params=merged["unet"],
+                               text_params=merged["text_encoder"], _compiled={})
 
   @property
   def vae_factor(self) -> int:
