@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt.")
@@ -44,6 +45,8 @@ def _progress(step: int, total: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Quiet: no INFO lines from JAX and absl.
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel

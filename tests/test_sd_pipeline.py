@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,7 @@ def test_generate_command_equals_diffusers(tmp_path):
                       f"--latents={tmp_path / 'latents.npy'}", "--columns=2", f"--out={out}")
   assert run.returncode == 0, run.stderr[-2000:]
   assert f"Wrote 2 images (16x16) to {out}" in run.stdout
+  assert not re.search(r"^I\d{4} ", run.stderr, re.M), run.stderr  # No INFO log lines.
   assert [f"step {i}/{MANIFEST['steps']}" for i in range(1, MANIFEST["steps"] + 1)] == [
       line for line in run.stdout.splitlines() if line.startswith("step ")]
   grid = np.asarray(Image.open(out))

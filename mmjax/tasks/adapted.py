@@ -83,9 +83,6 @@ class AdaptedTask:
     self.include = tuple(ws.get("include") or (".*",))
     self.reinit = tuple(ws.get("reinit") or ())
     self.source = ws.get("source") or "params"
-    if self.workdir and not os.path.exists(os.path.join(self.workdir, "config.json")):
-      raise FileNotFoundError(f"config.warm_start.workdir={self.workdir!r} holds no run (no "
-                              f"config.json): train that run first.")
 
   def __getattr__(self, name):
     value = getattr(self.inner, name)
@@ -118,6 +115,9 @@ class AdaptedTask:
   def check(self):
     """Every check that needs the parameters' paths (no compilation): patterns that
     match nothing, ranks above a kernel's smaller side. After the inner setup."""
+    if self.workdir and not os.path.exists(os.path.join(self.workdir, "config.json")):
+      raise FileNotFoundError(f"config.warm_start.workdir={self.workdir!r} holds no run (no "
+                              f"config.json): train that run first.")
     try:
       abstract = jax.eval_shape(self.inner.init, jax.random.PRNGKey(0))[0]
     except NotImplementedError:  # A task that only loads its weights (sd).
