@@ -267,8 +267,15 @@ def test_a_run_saved_without_the_precision_fields_is_refused_naming_them(tmp_pat
     del old[field]
   del old["model"]["dropout_rate"]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  # remat is safe to change, so its absence is not an error; the others change the run.
+  # remat is safe to change, so its absence is not an error; nor are fields at
+  # base_config's defaults (float32, no scan: what runs did before the fields existed).
+  # model.dropout_rate has no such default; bfloat16 is not what an older run did.
+  config.dtype = "bfloat16"
   with pytest.raises(guards.ConfigError, match=r"config.json has no field dtype, "
-                                               r"model.dropout_rate, param_dtype, scan_layers: "
+                                               r"model.dropout_rate: "
                                                r"it was written by an older mmjax"):
     guards.check_restart(config, str(tmp_path), step=5, write=False)
+  config.dtype = "float32"
+  old["model"]["dropout_rate"] = config.model.dropout_rate
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert guards.check_restart(config, str(tmp_path), step=5, write=False) == {}

@@ -28,6 +28,8 @@ import re
 
 import ml_collections
 
+from mmjax import configs
+
 
 class ConfigError(ValueError):
   """A config value or a config change that mmjax refuses; the message says what to set."""
@@ -317,6 +319,26 @@ def _reference(workdir: str, step: int, saved: dict | None, saved_path: str,
   return saved_path, saved
 
 
+def _with_defaults(old: dict, new_flat: dict) -> dict:
+  """`old` (a reference config) with each field it lacks set to `configs.base_config()`'s
+  default where this config holds that default: a field is added with the default that
+  keeps what runs did before it, so an older run did exactly that."""
+  defaults = flatten(as_json_dict(configs.base_config()))
+  old = json.loads(json.dumps(old))
+  have = flatten(old)
+  for key, value in new_flat.items():
+    if key in have or key not in defaults or defaults[key] != value:
+      continue
+    node, *parts = old, *key.split(".")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        break
+    else:
+      node[parts[-1]] = value
+  return old
+
+
 def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | None,
                   *, write: bool = True, saved: dict | None = None,
                   saved_path: str = "the checkpoint", evaluating: bool = False
@@ -331,7 +353,8 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | N
   copy, a different one refused); a checkpoint without a copy (an older mmjax) is
   compared with the record. A change of any field outside SAFE_TO_CHANGE raises
   ConfigError (config.json stays as it was), and so does a field outside it that the
-  reference lacks (a run of an older mmjax), except the RESUMABLE fields named in
+  reference lacks (a run of an older mmjax) unless it holds `configs.base_config()`'s
+  default (what runs did before the field existed), except the RESUMABLE fields named in
   `config.resume_changes` (lowering the learning rate after a NaN stop). Allowed
   changes are written to `config.<step>.json`. `num_train_steps` must stay above
   `step`. `evaluating` (--eval_only): evaluator fields and the schedule may differ
@@ -348,6 +371,7 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str, step: int | N
     return {}
   opted = RESUMABLE + ("evals.*",) if evaluating else parse_resume_changes(config)
   where, old = _reference(workdir, step, saved, saved_path, write and not evaluating)
+  old = _with_defaults(old, flatten(new))
   a, b = flatten(old), flatten(new)
   safe = lambda k: any(fnmatch.fnmatchcase(k, p) for p in SAFE_TO_CHANGE + opted)
   missing = sorted(k for k in b.keys() - a.keys() if not safe(k))
