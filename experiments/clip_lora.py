@@ -9,8 +9,8 @@ kernels too, `targets=attention_mlp_proj` also the projections into the joint sp
 `targets=attention_mlp_proj_patch` also the patch embedding, `..._tokens` also the
 text tower's token embedding table (rank=2 with any of these keeps the trained share
 under 5%); `train_norms=True` trains the LayerNorms and the
-temperature in full beside the adapters (config.lora.train, PEFT's modules_to_save). The log line "Parameters: N
-(M frozen)" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
+temperature in full beside the adapters (config.lora.train, PEFT's modules_to_save). The line "Training N of M
+parameters" gives the trained share; tools/checkpoint_bytes.py the optimizer state's
 size in the checkpoint against a full training run's.
 
 Commands:

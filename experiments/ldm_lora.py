@@ -16,8 +16,8 @@ removing the adapters gives the MNIST model back.
 (diffusers' default for SD LoRA), `targets=transformer` also the transformers' input
 and output projections and feed-forward layers, `targets=all` (the default) every
 U-Net kernel (convolutions as PEFT's Conv LoRA) but those of the first and last
-convolutions, whose 4 latent channels are below the rank. The log line "Parameters: N (M
-frozen)" gives the trained share.
+convolutions, whose 4 latent channels are below the rank. The line "Training N of M
+parameters" gives the trained share.
 
 Commands (after the three runs of experiments/ldm_mnist.py's docstring):
   python launch.py --config=experiments/mnist_lenet.py:dataset=fashion_mnist \

@@ -1,5 +1,6 @@
 """Latent diffusion experiment: Fréchet distance, grids, caption dropout, both stages end to end."""
 import math
+import re
 import subprocess
 
 import jax
@@ -88,10 +89,11 @@ def test_both_stages_smoke_run(tmp_path):
   # LoRA on Fashion-MNIST captions from the diffusion run's EMA: the adapters train, the
   # EMA averages them and keeps the base, so without the adapters it is the MNIST EMA.
   adapted = tmp_path / "ldm_lora"
-  lh.run(f"experiments/ldm_lora.py:smoke,ldm_workdir={ldm}", adapted,
+  proc = lh.run(f"experiments/ldm_lora.py:smoke,ldm_workdir={ldm}", adapted,
          f"autoencoder_workdir={ae}", f"evals.samples.classifier_workdir={judge}",
          "num_train_steps=6", "checkpoint_every_steps=6", "eval_every_steps=6",
          "evals.samples.guidance_scales=(2.0,)", devices=2)
+  assert re.search(r"Training [\d,]+ of [\d,]+ parameters \(\d+\.\d\d%\)", proc.stderr)
   row = lh.metrics(adapted)[-1]
   assert row["step"] == 6 and 0.0 <= row["eval/sample_accuracy/guidance_2"] <= 1.0
   base, run = runs.load_run(str(ldm)), runs.load_run(str(adapted))

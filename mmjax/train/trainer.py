@@ -345,6 +345,10 @@ def _set_up(config, workdir: str, task, mesh, *, training: bool) -> _Setup:
                                         jax.tree.leaves(opt.frozen)) if f)
   logging.info("Parameters: %d (%d frozen). Devices: %d over %d process(es), mesh %s.",
                n_params, n_frozen, mesh.devices.size, jax.process_count(), dict(mesh.shape))
+  if training and n_frozen and jax.process_index() == 0:  # Fine-tuning: say how much trains.
+    console_lib.info("Training %s of %s parameters (%.2f%%); the rest are frozen",
+                     f"{n_params - n_frozen:,}", f"{n_params:,}",
+                     100.0 * (n_params - n_frozen) / n_params)
   state, step = checkpoints.restore_latest(mngr, state, train_iter, move_corrupt=training)
   return _Setup(mngr, evaluators, train_iter, state, opt, step)
 
