@@ -161,8 +161,9 @@ def test_attention_dropout_needs_an_rng_only_when_it_drops():
 
 def test_auto_implementation_asks_for_cudnn_on_a_gpu_in_half_precision(monkeypatch):
   """"auto": cuDNN for bfloat16 on a GPU, XLA when JAX refuses it or in float32 or on
-  other backends (a GPU is faked: the backend query is patched, and jax's cuDNN
-  attention is replaced by a recorder that refuses, as JAX does for unsupported input)."""
+  other backends, the head-major matmuls on the CPU (a GPU is faked: the backend query is
+  patched, and jax's cuDNN attention is replaced by a recorder that refuses, as JAX does
+  for unsupported input)."""
   from mmjax.nn import attention as attention_lib
   asked = []
   real = jax.nn.dot_product_attention
@@ -177,9 +178,20 @@ def test_auto_implementation_asks_for_cudnn_on_a_gpu_in_half_precision(monkeypat
   q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 2, 8))
   expected = real(q, q, q)
   for backend, dtype, wanted in [("gpu", jnp.bfloat16, ["cudnn", None]),
-                                 ("gpu", jnp.float32, [None]), ("cpu", jnp.bfloat16, [None])]:
+                                 ("gpu", jnp.float32, [None]), ("tpu", jnp.bfloat16, [None]),
+                                 ("cpu", jnp.bfloat16, [None]), ("cpu", jnp.float32, [None])]:
     monkeypatch.setattr(attention_lib, "_backend", lambda b=backend: b)
     asked.clear()
     out = attention_lib.dot_product_attention(q.astype(dtype), q.astype(dtype), q.astype(dtype))
     assert asked == wanted, (backend, dtype)
-    np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=3e-2)
+    np.testing.assert_allclose(out.astype(jnp.float32), expected,
+                               atol=3e-2 if dtype == jnp.bfloat16 else 1e-6)
+  # Long key sequences on the CPU: the head-major matmuls, the same numbers (with masks).
+  n = attention_lib.HEAD_MAJOR_MIN_KV_LEN
+  q = jax.random.normal(jax.random.PRNGKey(1), (2, n, 2, 8))
+  mask = jax.random.bernoulli(jax.random.PRNGKey(2), 0.7, (2, 1, n, n))
+  asked.clear()
+  for kwargs in (dict(), dict(mask=mask), dict(is_causal=True)):
+    out = attention_lib.dot_product_attention(q, q, q, **kwargs)
+    np.testing.assert_allclose(out, real(q, q, q, **kwargs), atol=1e-5)
+  assert asked == []
