@@ -4,6 +4,8 @@
   python benchmarks/sd_generate.py --mode=jax --pipeline=FOLDER --num_images=4 --steps=10
   # diffusers on the same folder and settings (an environment with torch + diffusers):
   python benchmarks/sd_generate.py --mode=diffusers --pipeline=FOLDER --num_images=4 --steps=10
+  # one U-Net call of a guided step (batch 2 x num_images), jax or diffusers:
+  python benchmarks/sd_generate.py --mode=jax_unet --pipeline=FOLDER --num_images=4
   # an SD-1.5-shaped U-Net (random weights), batch 1, 64x64 latents: compile + step time:
   python benchmarks/sd_generate.py --mode=unet_sd15
 
@@ -66,6 +68,44 @@ def run_diffusers(args):
           "images_per_s": round(args.num_images / best, 3)}
 
 
+def run_jax_unet(args):
+  """One U-Net call on the pipeline, batch 2 x num_images (a guided step's), best of repeats."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mmjax.pipelines import stable_diffusion  # pylint: disable=import-outside-toplevel
+  pipe = stable_diffusion.StableDiffusion.from_pretrained(args.pipeline)
+  n, size = 2 * args.num_images, args.latent_size or pipe.sample_size
+  x = _latents(n, size)
+  t = np.full((n,), 500.0, np.float32)
+  context = np.zeros((n, 77, pipe.unet.cross_attention_dim), np.float32)
+  call = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+  call(pipe.unet_params, x, t, context).block_until_ready()
+  times = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    call(pipe.unet_params, x, t, context).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return {"mode": "jax_unet", "batch": n, "call_s": round(min(times), 4)}
+
+
+def run_diffusers_unet(args):
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  unet = diffusers.UNet2DConditionModel.from_pretrained(args.pipeline, subfolder="unet")
+  n, size = 2 * args.num_images, args.latent_size or unet.config.sample_size
+  x = torch.from_numpy(_latents(n, size).transpose(0, 3, 1, 2).copy())
+  t = torch.full((n,), 500.0)
+  context = torch.zeros((n, 77, unet.config.cross_attention_dim))
+  times = []
+  with torch.no_grad():
+    unet(x, t, encoder_hidden_states=context)
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      unet(x, t, encoder_hidden_states=context)
+      times.append(time.perf_counter() - start)
+  return {"mode": "diffusers_unet", "batch": n, "torch_threads": torch.get_num_threads(),
+          "call_s": round(min(times), 4)}
+
+
 def run_unet_sd15(args):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -92,14 +132,16 @@ def run_unet_sd15(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--mode", choices=("jax", "diffusers", "unet_sd15"), required=True)
+  parser.add_argument("--mode", required=True, choices=(
+      "jax", "diffusers", "jax_unet", "diffusers_unet", "unet_sd15"))
   parser.add_argument("--pipeline", help="a diffusers pipeline folder")
   parser.add_argument("--num_images", type=int, default=4)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--latent_size", type=int, help="default: the U-Net's sample_size")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  run = {"jax": run_jax, "diffusers": run_diffusers, "unet_sd15": run_unet_sd15}[args.mode]
+  run = {"jax": run_jax, "diffusers": run_diffusers, "jax_unet": run_jax_unet,
+         "diffusers_unet": run_diffusers_unet, "unet_sd15": run_unet_sd15}[args.mode]
   print(json.dumps(dict(run(args), **{k: v for k, v in vars(args).items() if v is not None})))
 
 
