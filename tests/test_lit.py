@@ -55,3 +55,9 @@ def test_warm_start_from_a_workdir_with_the_wrong_model_is_a_clear_error(tmp_pat
   with pytest.raises(ValueError, match=r"warm_start.include: 'image_proj/kernel' of shape "
                                        r"\(64, 32\) is of shape \(64, 64\) there"):
     task.pretrained()
+  # Parameters from an extra the run does not have (a CLIP run keeps no EMA): in setup.
+  lit = _config("lit_mnist", f"smoke,clip_workdir={tmp_path / 'clip'}")
+  lit.warm_start.source = "ema"
+  with pytest.raises(ValueError, match=r"warm_start.source='ema': the run in .* has no such "
+                                       r"extra \(it has \[\]\); use 'params'"):
+    tasks.get_task(lit, mesh).setup()
