@@ -19,6 +19,19 @@ import time
 import numpy as np
 
 
+def _timed(call, repeats: int) -> tuple[float, float]:
+  """(seconds of the first call, which compiles; the best of `repeats` calls after it)."""
+  start = time.perf_counter()
+  call()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return first, min(times)
+
+
 def _latents(n, size, channels=4):
   return np.random.default_rng(0).standard_normal((n, size, size, channels), dtype=np.float32)
 
@@ -29,15 +42,9 @@ def run_jax(args):
   pipe = stable_diffusion.StableDiffusion.from_pretrained(args.pipeline)
   latents = _latents(args.num_images, args.latent_size or pipe.sample_size)
   prompts = ["a photo of a cat"] * args.num_images
-  start = time.perf_counter()
-  pipe.generate(prompts, "blurry", num_steps=args.steps, latents=latents)
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    pipe.generate(prompts, "blurry", num_steps=args.steps, latents=latents)
-    times.append(time.perf_counter() - start)
-  best = min(times)
+  first, best = _timed(
+      lambda: pipe.generate(prompts, "blurry", num_steps=args.steps, latents=latents),
+      args.repeats)
   return {"mode": "jax", "devices": jax.device_count(), "backend": jax.default_backend(),
           "first_call_s": round(first, 3), "best_s": round(best, 4),
           "images_per_s": round(args.num_images / best, 3)}
@@ -54,15 +61,7 @@ def run_diffusers(args):
   call = lambda: pipe(["a photo of a cat"] * args.num_images, negative_prompt=["blurry"] *
                       args.num_images, num_inference_steps=args.steps, latents=latents,
                       output_type="np")
-  start = time.perf_counter()
-  call()
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  best = min(times)
+  first, best = _timed(call, args.repeats)
   return {"mode": "diffusers", "torch_threads": torch.get_num_threads(),
           "first_call_s": round(first, 3), "best_s": round(best, 4),
           "images_per_s": round(args.num_images / best, 3)}
@@ -78,13 +77,9 @@ def run_jax_unet(args):
   t = np.full((n,), 500.0, np.float32)
   context = np.zeros((n, 77, pipe.unet.cross_attention_dim), np.float32)
   call = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
-  call(pipe.unet_params, x, t, context).block_until_ready()
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    call(pipe.unet_params, x, t, context).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return {"mode": "jax_unet", "batch": n, "call_s": round(min(times), 4)}
+  _, best = _timed(lambda: call(pipe.unet_params, x, t, context).block_until_ready(),
+                   args.repeats)
+  return {"mode": "jax_unet", "batch": n, "call_s": round(best, 4)}
 
 
 def run_diffusers_unet(args):
@@ -95,15 +90,10 @@ def run_diffusers_unet(args):
   x = torch.from_numpy(_latents(n, size).transpose(0, 3, 1, 2).copy())
   t = torch.full((n,), 500.0)
   context = torch.zeros((n, 77, unet.config.cross_attention_dim))
-  times = []
   with torch.no_grad():
-    unet(x, t, encoder_hidden_states=context)
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      unet(x, t, encoder_hidden_states=context)
-      times.append(time.perf_counter() - start)
+    _, best = _timed(lambda: unet(x, t, encoder_hidden_states=context), args.repeats)
   return {"mode": "diffusers_unet", "batch": n, "torch_threads": torch.get_num_threads(),
-          "call_s": round(min(times), 4)}
+          "call_s": round(best, 4)}
 
 
 def run_unet_sd15(args):
@@ -120,14 +110,9 @@ def run_unet_sd15(args):
   start = time.perf_counter()
   compiled = step.lower(params, x, t, context).compile()
   compile_s = time.perf_counter() - start
-  compiled(params, x, t, context).block_until_ready()
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    compiled(params, x, t, context).block_until_ready()
-    times.append(time.perf_counter() - start)
+  _, best = _timed(lambda: compiled(params, x, t, context).block_until_ready(), args.repeats)
   return {"mode": "unet_sd15", "parameters": int(count), "backend": jax.default_backend(),
-          "compile_s": round(compile_s, 2), "step_s": round(min(times), 3)}
+          "compile_s": round(compile_s, 2), "step_s": round(best, 3)}
 
 
 def main():

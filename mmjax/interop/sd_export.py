@@ -13,7 +13,6 @@ tokenizer, scheduler and configs are copied as they are. diffusers'
 `load_lora_weights` and `python -m mmjax.generate --lora=<out>` read). In Python: `export_pipeline(source, out, params)`.
 """
 import os
-import re
 import shutil
 import sys
 
@@ -24,12 +23,6 @@ from mmjax.interop.common import CheckpointError
 
 # Part -> (the weights file's stem, the prefix transformers 4 puts on the text encoder).
 WEIGHTS = {"unet": "diffusion_pytorch_model", "text_encoder": "model"}
-
-
-def _path_of(key: str) -> tuple[str, ...]:
-  """A diffusers/transformers key -> its mmjax module path and leaf kind ("weight"/"bias")."""
-  head, _, leaf = key.rpartition(".")
-  return tuple(re.sub(r"\.(\d+)(?=\.|$)", r"_\1", head).split(".")) + (leaf,)
 
 
 def to_state_dict(params: dict, like: dict, where: str) -> dict:
@@ -47,7 +40,7 @@ def to_state_dict(params: dict, like: dict, where: str) -> dict:
     if bare.endswith(sd_pipeline._IGNORED_KEYS):  # pylint: disable=protected-access
       out[key] = ref
       continue
-    *module, leaf = _path_of(bare)
+    *module, leaf = sd_pipeline.our_path(bare)
     names = ("bias",) if leaf == "bias" else ("kernel", "scale", "embedding")
     path = next((tuple(module) + (n,) for n in names if tuple(module) + (n,) in flat), None)
     if path is None:

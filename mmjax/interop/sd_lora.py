@@ -50,8 +50,7 @@ def _file(path: str) -> str:
 
 def _module_path(key: str) -> tuple[str, ...]:
   """"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" -> mmjax's module path."""
-  key = key[len("text_model."):] if key.startswith("text_model.") else key
-  return tuple(re.sub(r"\.(\d+)(?=\.|$)", r"_\1", key).split("."))
+  return sd_pipeline.our_path(key.removeprefix("text_model.") + ".weight")[:-1]
 
 
 def _their_module(path: tuple[str, ...]) -> str:
@@ -115,8 +114,8 @@ def load(path: str, params: dict) -> tuple[dict, lora.Spec]:
     if a.shape != (n_in, rank) or b.shape != (rank, n_out):
       raise ValueError(f"{where}: adapters {a.shape} x {b.shape} do not fit the kernel "
                        f"[{n_in}, {n_out}] (as a matrix): a LoRA file for another model?")
-    out[module + (lora.A,)] = a.astype(np.asarray(kernel).dtype)
-    out[module + (lora.B,)] = b.astype(np.asarray(kernel).dtype)
+    out[module + (lora.A,)] = a.astype(kernel.dtype)
+    out[module + (lora.B,)] = b.astype(kernel.dtype)
     ranks.add(rank)
     targets.append(re.escape(name))
   if not pairs:
@@ -142,19 +141,20 @@ def save(out: str, params: dict, spec: lora.Spec) -> str:
     if key[-1] != lora.A or key[0] not in PARTS:
       continue
     module = key[:-1]
-    kernel, b = np.asarray(flat[module + ("kernel",)]), np.asarray(flat[module + (lora.B,)])
-    a = np.asarray(a, np.float32)
+    shape = np.shape(flat[module + ("kernel",)])
+    a, b = np.asarray(a, np.float32), np.asarray(flat[module + (lora.B,)], np.float32)
     rank = a.shape[-1]
-    if kernel.ndim == 4:  # Conv [kh, kw, in, out]: lora_A a kh x kw conv, lora_B 1x1.
-      kh, kw, n_in, n_out = kernel.shape
+    if len(shape) == 4:  # Conv [kh, kw, in, out]: lora_A a kh x kw conv, lora_B 1x1.
+      kh, kw, n_in, n_out = shape
       a_t = a.reshape(kh, kw, n_in, rank).transpose(3, 2, 0, 1)
-      b_t = np.asarray(b, np.float32).T.reshape(n_out, rank, 1, 1)
+      b_t = b.T.reshape(n_out, rank, 1, 1)
     else:
-      a_t, b_t = a.T, np.asarray(b, np.float32).T
-    name = f"{key[0]}.{_their_module(module[1:])}"
-    state[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_t)
-    state[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_t)
-    modules[key[0]].add(module[-1] if module[-1] != "to_out_0" else "to_out.0")
+      a_t, b_t = a.T, b.T
+    their = _their_module(module[1:])
+    state[f"{key[0]}.{their}.lora_A.weight"] = np.ascontiguousarray(a_t)
+    state[f"{key[0]}.{their}.lora_B.weight"] = np.ascontiguousarray(b_t)
+    # PEFT's target_modules: the module's own name, with its index ("to_out.0").
+    modules[key[0]].add(re.search(r"[^.]+(\.\d+)?$", their).group())
   if not state:
     raise ValueError("The parameters hold no LoRA adapters under 'unet' or 'text_encoder'.")
   meta = {}

@@ -93,6 +93,14 @@ def _state_dict(folder: str, stem: str) -> tuple[dict, str]:
   raise FileNotFoundError(f"{folder}: no {stem}.safetensors (found {found}).{hint}")
 
 
+def our_path(key: str) -> tuple[str, ...]:
+  """A diffusers/transformers key -> its mmjax module path and leaf kind ("weight"/"bias"):
+  "down_blocks.0.attentions.0.proj_in.weight" -> ("down_blocks_0", "attentions_0",
+  "proj_in", "weight"). The inverse of `_their_key` up to the leaf's name."""
+  head, _, leaf = key.rpartition(".")
+  return tuple(re.sub(r"\.(\d+)(?=\.|$)", r"_\1", head).split(".")) + (leaf,)
+
+
 def _their_key(path: tuple) -> str:
   """An mmjax parameter path -> the diffusers/transformers key it is read from."""
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(path[-1], path[-1])

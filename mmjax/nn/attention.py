@@ -25,19 +25,31 @@ def _as_4d_mask(mask: jax.Array) -> jax.Array:
   return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
+def _weights(query, key, mask) -> jax.Array:
+  """softmax(q·kᵀ / sqrt(head_dim)) [batch, heads, q_len, kv_len], float32, masked; as
+  head-major batched matmuls, which XLA's CPU backend runs about twice as fast as the
+  [b, len, h, d] einsum (benchmarks/README.md, Stable Diffusion generation)."""
+  q, k = (jnp.swapaxes(x, 1, 2) for x in (query, key))
+  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(query.shape[-1]))
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _apply(weights, value) -> jax.Array:
+  """weights [b, h, q, k] · value [b, k, h, d] -> [b, q, h, d], in the value's dtype."""
+  return jnp.swapaxes(jnp.matmul(weights.astype(value.dtype), jnp.swapaxes(value, 1, 2)), 1, 2)
+
+
 def _weights_with_dropout(query, key, value, mask, rate: float, rng: jax.Array) -> jax.Array:
   """The attention with its weights computed explicitly and dropped out at `rate`.
 
   Same shapes and dtypes as `dot_product_attention`; logits and softmax in float32.
   """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(query.shape[-1]))
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
+  weights = _weights(query, key, mask)
   keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
-  weights = jnp.where(keep, weights / (1.0 - rate), 0.0).astype(value.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+  return _apply(jnp.where(keep, weights / (1.0 - rate), 0.0), value)
 
 
 def _backend() -> str:
@@ -51,20 +63,11 @@ HEAD_MAJOR_MIN_KV_LEN = 256
 
 
 def _head_major_attention(query, key, value, mask, is_causal: bool) -> jax.Array:
-  """XLA's attention written as batched matmuls over [batch, heads, len, head_dim]: the
-  same math as jax.nn.dot_product_attention's XLA path (float32 logits and softmax),
-  about twice as fast on the CPU, whose matmuls want the batch dimensions leading
-  (benchmarks/README.md, Stable Diffusion generation)."""
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-  logits = logits / jnp.sqrt(jnp.float32(query.shape[-1]))
+  """jax.nn.dot_product_attention's XLA math through `_weights` (the CPU's faster layout)."""
   if is_causal:
-    mask = causal_mask(query.shape[1], key.shape[1]) if mask is None else (
-        mask & causal_mask(query.shape[1], key.shape[1]))
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  return jnp.swapaxes(jnp.matmul(weights, v), 1, 2)
+    causal = causal_mask(query.shape[1], key.shape[1])
+    mask = causal if mask is None else mask & causal
+  return _apply(_weights(query, key, mask), value)
 
 
 def _fused_attention(query, key, value, mask, is_causal: bool, implementation: str | None):
